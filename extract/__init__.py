@@ -1,0 +1,36 @@
+"""unipt.extract — run a frozen backbone once and write its per-layer activations to a feature store."""
+
+from ._backbone import TextEncoder, resolve_model_dir
+from ._resolve import resolve_path
+from ._runner import (
+    BackgroundWriter,
+    ExtractSummary,
+    PartTask,
+    extract_part,
+    plan_parts,
+    resolve_extract_layers,
+    run_extraction,
+)
+from ._sources import Example, SourceData, hash_unit, load_source, text_id
+from .config import BackboneConfig, ExtractConfig, SourceConfig
+
+__all__ = [
+    "SourceConfig",
+    "BackboneConfig",
+    "ExtractConfig",
+    "Example",
+    "SourceData",
+    "load_source",
+    "text_id",
+    "hash_unit",
+    "resolve_path",
+    "resolve_model_dir",
+    "TextEncoder",
+    "run_extraction",
+    "extract_part",
+    "plan_parts",
+    "PartTask",
+    "resolve_extract_layers",
+    "BackgroundWriter",
+    "ExtractSummary",
+]

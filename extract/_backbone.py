@@ -1,0 +1,99 @@
+"""The frozen text encoder: loaded once, eval mode, no gradients, every hidden state out."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ._resolve import resolve_path
+from .config import BackboneConfig
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "vocab.json",
+                    "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def resolve_model_dir(spec: str, revision: str | None = None) -> Path:
+    """A local folder for ``spec``: itself, a pkg:// folder, or the local snapshot of a hub id."""
+    path = Path(resolve_path(spec))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, revision=revision))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"backbone {spec!r} is neither a local folder nor a hub model this machine can fetch or has cached "
+            f"({type(exc).__name__}); pass a local transformers folder (one with config.json)"
+        ) from exc
+
+
+def files_sha256(folder: Path, names: Sequence[str]) -> str:
+    """sha256 over (name, content) of the given files, in name order; the folder's location is left out."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode())
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class TextEncoder:
+    """A frozen transformers text encoder that returns every hidden state (embeddings first)."""
+
+    def __init__(self, config: BackboneConfig):
+        self.config = config
+        self.folder = resolve_model_dir(config.model, config.revision)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.folder)
+        model: PreTrainedModel = AutoModel.from_pretrained(self.folder)
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()  # a side network reads the encoder's states
+        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if config.device == "auto" else config.device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model")
+        self.num_hidden_states = model.config.num_hidden_layers + 1  # embeddings + every block
+        self.widths = [int(hidden)] * self.num_hidden_states
+        self.max_length = min(config.max_length, self.tokenizer.model_max_length or config.max_length)
+
+    def tokenize(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
+        """Token ids per text (truncated to max_length, special tokens added, no padding)."""
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+
+    @torch.no_grad()
+    def hidden_states(self, features: list[dict[str, list[int]]]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Pad a batch, run the frozen model, return (hidden states (B, N, D) each, mask (B, N) bool)."""
+        batch = self.tokenizer.pad(features, return_tensors="pt")
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self._autocast():
+            out = self.model(**batch, output_hidden_states=True, return_dict=True)
+        return out.hidden_states, batch["attention_mask"].bool()
+
+    def _autocast(self):
+        if self.device.type != "cuda" or self.config.autocast == "off":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.autocast == "bfloat16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def provenance(self) -> dict[str, Any]:
+        files = [p.name for p in self.folder.iterdir() if p.is_file()]
+        weights = [n for n in files if n.endswith(_WEIGHT_SUFFIXES)] + [n for n in files if n == "config.json"]
+        tokenizer = [n for n in files if n in _TOKENIZER_FILES]
+        return {
+            "location": self.config.model,
+            "architecture": type(self.model).__name__,
+            "weights_sha256": files_sha256(self.folder, weights),
+            "tokenizer_sha256": files_sha256(self.folder, tokenizer),
+            "num_hidden_states": self.num_hidden_states,
+            "hidden_size": self.widths[-1],
+            "max_length": self.max_length,
+        }

@@ -1,0 +1,197 @@
+"""Sources: read a table of texts and labels, dedupe it, split it deterministically by hash.
+
+A reader yields raw rows; :func:`load_source` turns them into :class:`Example` lists per split. Everything
+is keyed by the example id (a content hash unless the source names an id column), so the same source
+gives the same splits, subsets and parts on every machine and every run: that is what makes resume and
+distributed extraction safe.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ._resolve import resolve_path
+from .config import SourceConfig
+
+log = logging.getLogger(__name__)
+
+_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str
+    label: int  # index into SourceData.label_names; -1 = unlabelled
+
+
+@dataclass
+class SourceData:
+    splits: dict[str, list[Example]]
+    label_names: list[str]
+    fingerprint: str  # sha256 of the source's content (not of its path)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def text_id(text: str) -> str:
+    """Stable content id of a text: 16 hex digits of its sha256."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def hash_unit(key: str, salt: str) -> float:
+    """A deterministic uniform number in [0, 1) from ``key``; ``salt`` makes independent draws."""
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def source_format(config: SourceConfig, path: str) -> str:
+    if config.format != "auto":
+        return config.format
+    if Path(path).is_dir():
+        return "hf"
+    fmt = _SUFFIX_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the format of {path!r} from its suffix; set source.format to one of "
+                         f"csv, tsv, jsonl, parquet, hf")
+    return fmt
+
+
+def read_rows(config: SourceConfig) -> tuple[Iterator[dict[str, Any]], str]:
+    """Raw rows of the source as dicts (a ``__split__`` key where the source has its own splits), and a
+    fingerprint of its content."""
+    path = resolve_path(config.path)
+    fmt = source_format(config, path)
+    if fmt == "hf":
+        return _hf_rows(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"source file {path!r} does not exist")
+    fingerprint = _file_sha256(path)
+    if fmt in ("csv", "tsv"):
+        return _csv_rows(path, config.encoding, "\t" if fmt == "tsv" else ","), fingerprint
+    if fmt == "jsonl":
+        return _jsonl_rows(path, config.encoding), fingerprint
+    import pyarrow.parquet as pq
+
+    return iter(pq.read_table(path).to_pylist()), fingerprint
+
+
+def load_source(config: SourceConfig) -> SourceData:
+    """Read, validate, dedupe and split the source; apply per-split caps (drawn by hash)."""
+    rows, fingerprint = read_rows(config)
+    records: list[tuple[str, str, Any, str | None]] = []  # (id, text, raw label, source split)
+    seen: dict[str, Any] = {}
+    duplicates = conflicts = 0
+    for number, row in enumerate(rows, start=1):
+        if number == 1:
+            _check_columns(config, row)
+        text = row[config.text_column]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{config.path} row {number}: empty or non-text {config.text_column!r} value {text!r}")
+        label = row.get(config.label_column) if config.label_column else None
+        if config.label_column and (label is None or label == ""):
+            raise ValueError(f"{config.path} row {number}: missing {config.label_column!r} value")
+        if config.dedupe:
+            if text in seen:
+                duplicates += 1
+                conflicts += seen[text] != label
+                continue
+            seen[text] = label
+        example_id = str(row[config.id_column]) if config.id_column else text_id(text)
+        split = row.get("__split__") or (str(row[config.split_column]) if config.split_column else None)
+        records.append((example_id, text, label, split))
+    if not records:
+        raise ValueError(f"source {config.path} has no rows")
+    if conflicts:
+        log.warning("%d duplicated texts carried different labels; the first occurrence was kept", conflicts)
+
+    label_names = sorted({str(r[2]) for r in records}) if config.label_column else []
+    label_index = {name: i for i, name in enumerate(label_names)}
+    cuts = _cumulative(config.splits)
+    splits: dict[str, list[Example]] = {}
+    for example_id, text, label, split in records:
+        if split is None:
+            u = hash_unit(example_id, "split")
+            split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
+        label_id = label_index[str(label)] if config.label_column else -1
+        splits.setdefault(split, []).append(Example(example_id, text, label_id))
+    for name, cap in config.max_examples.items():
+        if name not in splits:
+            raise ValueError(f"source.max_examples names split {name!r}; the source has {sorted(splits)}")
+        splits[name] = _hash_subset(splits[name], cap)
+    stats = {"rows": len(records) + duplicates, "duplicates_dropped": duplicates, "label_conflicts": conflicts,
+             "examples": {name: len(ex) for name, ex in splits.items()}}
+    return SourceData(splits=splits, label_names=label_names, fingerprint=fingerprint, stats=stats)
+
+
+def _hash_subset(examples: list[Example], cap: int) -> list[Example]:
+    """The ``cap`` examples with the smallest subset-hash, kept in source order (a uniform random draw)."""
+    if len(examples) <= cap:
+        return examples
+    keep = set(sorted(range(len(examples)), key=lambda i: hash_unit(examples[i].id, "subset"))[:cap])
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
+def _cumulative(fractions: dict[str, float]) -> list[tuple[str, float]]:
+    total, cuts = 0.0, []
+    for name, fraction in fractions.items():
+        total += fraction
+        cuts.append((name, total))
+    return cuts
+
+
+def _check_columns(config: SourceConfig, row: dict[str, Any]) -> None:
+    wanted = [c for c in (config.text_column, config.label_column, config.id_column, config.split_column) if c]
+    missing = [c for c in wanted if c not in row]
+    if missing:
+        raise KeyError(f"source {config.path} has no column(s) {missing}; its columns are "
+                       f"{sorted(k for k in row if k != '__split__')}")
+
+
+def _csv_rows(path: str, encoding: str, delimiter: str) -> Iterator[dict[str, Any]]:
+    with open(path, newline="", encoding=encoding) as f:
+        yield from csv.DictReader(f, delimiter=delimiter)
+
+
+def _jsonl_rows(path: str, encoding: str) -> Iterator[dict[str, Any]]:
+    with open(path, encoding=encoding) as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} line {number} is not JSON: {exc}") from exc
+
+
+def _hf_rows(path: str) -> tuple[Iterator[dict[str, Any]], str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("Hugging Face dataset sources need `datasets`: pip install 'unipt[hf]'") from exc
+    if Path(path).is_dir():
+        data = datasets.load_from_disk(path)
+    else:
+        data = datasets.load_dataset(path)
+    if isinstance(data, datasets.DatasetDict):
+        fingerprint = hashlib.sha256("".join(data[s]._fingerprint for s in sorted(data)).encode()).hexdigest()
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for split in data:
+                for row in data[split]:
+                    yield {**row, "__split__": split}
+
+        return rows(), fingerprint
+    return iter(data), hashlib.sha256(data._fingerprint.encode()).hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

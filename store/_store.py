@@ -1,0 +1,389 @@
+"""The feature store: a Zarr v3 group of splits made of immutable, committed parts."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from . import _format as fmt
+from ._provenance import check_provenance
+
+
+class StoreError(RuntimeError):
+    """The store is missing, incomplete, or does not hold what was asked for."""
+
+
+class CorruptChunkError(StoreError):
+    """A stored object failed to decode; the message names the split, part and array."""
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A committed part: where it lives and what it holds."""
+
+    split: str
+    name: str
+    n_examples: int
+    n_tokens: int
+    source_start: int  # index of its first example in the split's source order
+    source_stop: int
+
+    @property
+    def index(self) -> int:
+        return fmt.part_index(self.name)
+
+
+@dataclass
+class PartData:
+    """One decoded part. Example ``i``'s tokens of layer ``l`` are ``layers[l][offsets[i]:offsets[i+1]]``."""
+
+    info: PartInfo
+    example_id: np.ndarray  # (n,) str
+    label: np.ndarray  # (n,) int64
+    length: np.ndarray  # (n,) int32
+    offsets: np.ndarray  # (n + 1,) int64
+    layers: dict[int, torch.Tensor]  # layer -> (total_tokens, D_l), stored dtype
+
+    def example(self, i: int, layer: int) -> torch.Tensor:
+        return self.layers[layer][int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+
+class FeatureStore:
+    """A unipt feature store at a local path or any fsspec URL (``s3://``, ``memory://``, ...).
+
+    Create one for writing with :meth:`create` (which also re-opens a matching store to resume), open
+    one for reading with :meth:`open`.
+    """
+
+    def __init__(self, root: zarr.Group, url: str):
+        self._root = root
+        self.url = url
+        meta = root.attrs.get(fmt.ROOT_ATTR)
+        if meta is None:
+            raise StoreError(f"{url} is a Zarr group but not a unipt feature store (no {fmt.ROOT_ATTR!r} attribute)")
+        version = meta.get("format_version")
+        if version != fmt.FORMAT_VERSION:
+            raise StoreError(
+                f"{url} has store format version {version}; this unipt reads version {fmt.FORMAT_VERSION}. "
+                "Re-extract it or use the unipt release that wrote it."
+            )
+        self.meta: dict[str, Any] = meta
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, url: str, *, mode: str = "r", storage_options: dict | None = None) -> "FeatureStore":
+        """Open an existing store; ``mode="r"`` (default) refuses every write."""
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}; use FeatureStore.create to make a store")
+        try:
+            root = zarr.open_group(store=url, mode=mode, zarr_format=3, storage_options=storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(f"no feature store at {url}: run `unipt extract` first, or check the path") from exc
+        return cls(root, url)
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        layers: Sequence[int],
+        layer_widths: Sequence[int],
+        dtype: str,
+        label_names: Sequence[str],
+        provenance: Mapping[str, Any],
+        storage_options: dict | None = None,
+    ) -> "FeatureStore":
+        """Create a store, or re-open an existing one whose provenance matches (to resume into it).
+
+        A store made from another backbone, source or extraction config is refused with the list of
+        differing fields: mixing parts from two configs in one store would silently corrupt training.
+        """
+        if dtype not in fmt.STORAGE_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not a storage dtype; choose one of {fmt.STORAGE_DTYPES}")
+        if len(layers) != len(layer_widths):
+            raise ValueError(f"{len(layers)} layers but {len(layer_widths)} widths")
+        meta = {
+            "format_version": fmt.FORMAT_VERSION,
+            "layers": [int(l) for l in layers],
+            "layer_widths": [int(w) for w in layer_widths],
+            "dtype": dtype,
+            "label_names": [str(n) for n in label_names],
+            "provenance": json.loads(json.dumps(provenance)),  # JSON-normalised, as it will read back
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        try:
+            root = zarr.open_group(store=url, mode="r+", zarr_format=3, storage_options=storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            root = zarr.open_group(store=url, mode="w", zarr_format=3, storage_options=storage_options)
+            root.attrs[fmt.ROOT_ATTR] = meta
+            return cls(root, url)
+        existing = cls(root, url)
+        check_provenance(
+            existing.meta,
+            meta,
+            what=f"cannot resume into {url}",
+            hint="Extract into a new store URL, or delete the old store if it is no longer needed.",
+        )
+        return existing
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def layers(self) -> list[int]:
+        """Hidden-state layers stored (0 = embedding output)."""
+        return list(self.meta["layers"])
+
+    @property
+    def layer_widths(self) -> dict[int, int]:
+        return dict(zip(self.meta["layers"], self.meta["layer_widths"]))
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.meta["label_names"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.meta["provenance"])
+
+    @property
+    def read_only(self) -> bool:
+        return self._root.read_only
+
+    def splits(self) -> list[str]:
+        return sorted(self._root.group_keys())
+
+    def parts(self, split: str) -> list[PartInfo]:
+        """Committed parts of ``split`` in index order. Uncommitted (half-written) parts are invisible."""
+        group = self._split_group(split, create=False)
+        if group is None:
+            return []
+        infos = []
+        for name in sorted(group.group_keys()):
+            info = self._committed_info(group, split, name)
+            if info is not None:
+                infos.append(info)
+        return infos
+
+    def committed(self, split: str) -> set[str]:
+        return {p.name for p in self.parts(split)}
+
+    def num_examples(self, split: str) -> int:
+        return sum(p.n_examples for p in self.parts(split))
+
+    def num_tokens(self, split: str) -> int:
+        return sum(p.n_tokens for p in self.parts(split))
+
+    # ----------------------------------------------------------------- writing
+    def part_writer(
+        self, split: str, index: int, *, n_examples: int, n_tokens: int, source_start: int
+    ) -> "PartWriter":
+        """Start (or restart) part ``index`` of ``split``. Anything already under its name is discarded.
+
+        Refuses to touch a committed part: committed parts are immutable.
+        """
+        if self.read_only:
+            raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write")
+        split_group = self._split_group(split, create=True)
+        name = fmt.part_key(index)
+        if name in split_group.group_keys() and self._committed_info(split_group, split, name) is not None:
+            raise StoreError(f"{split}/{name} is already committed in {self.url}; committed parts are immutable")
+        info = PartInfo(split, name, n_examples, n_tokens, source_start, source_start + n_examples)
+        group = split_group.create_group(name, overwrite=True)
+        group.attrs[fmt.PART_ATTR] = {
+            "n_examples": n_examples,
+            "n_tokens": n_tokens,
+            "source_start": source_start,
+            "source_stop": source_start + n_examples,
+        }
+        return PartWriter(group, info, self.layer_widths, self.dtype)
+
+    # ----------------------------------------------------------------- reading
+    def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None) -> PartData:
+        """Decode one committed part; ``layers`` (default: all stored) limits which layers are decoded."""
+        split, name = (part.split, part.name) if isinstance(part, PartInfo) else part
+        split_group = self._split_group(split, create=False)
+        info = None if split_group is None else self._committed_info(split_group, split, name)
+        if info is None:
+            raise StoreError(f"{split}/{name} is not a committed part of {self.url}")
+        layers = self.layers if layers is None else list(layers)
+        missing = sorted(set(layers) - set(self.layers))
+        if missing:
+            raise StoreError(f"layers {missing} are not in {self.url}; it stores layers {self.layers}")
+        group = split_group[name]
+        where = f"{self.url} {split}/{name}"
+        columns = {key: _read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.LABEL, fmt.LENGTH, fmt.OFFSETS)}
+        decoded = {}
+        for layer in layers:
+            arr = _read_array(group, fmt.layer_key(layer), where)
+            if arr.shape[0] != info.n_tokens:
+                raise CorruptChunkError(f"{where}/{fmt.layer_key(layer)} has {arr.shape[0]} rows, expected {info.n_tokens}")
+            decoded[layer] = torch.from_numpy(arr)
+        return PartData(
+            info=info,
+            example_id=columns[fmt.EXAMPLE_ID].astype(object),  # numpy StringDType -> python str
+            label=columns[fmt.LABEL].astype(np.int64),
+            length=columns[fmt.LENGTH].astype(np.int32),
+            offsets=columns[fmt.OFFSETS].astype(np.int64),
+            layers=decoded,
+        )
+
+    # ----------------------------------------------------------------- internals
+    def _split_group(self, split: str, *, create: bool) -> zarr.Group | None:
+        if split in self._root.group_keys():
+            return self._root[split]
+        if not create:
+            return None
+        return self._root.create_group(split)
+
+    @staticmethod
+    def _committed_info(split_group: zarr.Group, split: str, name: str) -> PartInfo | None:
+        try:
+            attrs = split_group[name].attrs.asdict()
+        except Exception:  # a metadata document cut short by a crash reads as "not committed"
+            return None
+        commit = attrs.get(fmt.COMMIT_ATTR)
+        if commit is None:
+            return None
+        return PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"], commit["source_stop"])
+
+
+class PartWriter:
+    """Writes one part: per-layer token rows in order, then the per-example columns, then the commit marker.
+
+    Rows arrive in batches (``append``) and are written in shard-aligned blocks, so each stored object is
+    written exactly once (a partial write into a Zarr shard would read, merge and rewrite it).
+    """
+
+    def __init__(self, group: zarr.Group, info: PartInfo, layer_widths: Mapping[int, int], dtype: str):
+        self.group = group
+        self.info = info
+        self.dtype = dtype
+        self._np_dtype = np.dtype(dtype)
+        self._torch_dtype = getattr(torch, dtype)
+        self._arrays: dict[int, zarr.Array] = {}
+        self._pending: dict[int, list[np.ndarray]] = {}
+        self._pending_rows: dict[int, int] = {}
+        self._written: dict[int, int] = {}
+        self._block_rows: dict[int, int] = {}
+        for layer, width in layer_widths.items():
+            chunk_rows, shard_rows = _chunk_layout(width, self._np_dtype.itemsize, info.n_tokens)
+            self._arrays[layer] = group.create_array(
+                fmt.layer_key(layer),
+                shape=(info.n_tokens, width),
+                dtype=self._np_dtype,
+                chunks=(chunk_rows, width),
+                shards=(shard_rows, width),
+                compressors=_compressor(self._np_dtype.itemsize),
+                fill_value=0,
+            )
+            self._pending[layer], self._pending_rows[layer], self._written[layer] = [], 0, 0
+            self._block_rows[layer] = shard_rows
+
+    def append(self, rows: Mapping[int, torch.Tensor | np.ndarray]) -> None:
+        """Append token rows ``(t, D_l)`` for every layer (same ``t`` for all), in storage order."""
+        if set(rows) != set(self._arrays):
+            raise ValueError(f"expected rows for layers {sorted(self._arrays)}, got {sorted(rows)}")
+        for layer, block in rows.items():
+            block = torch.as_tensor(block)
+            cast = block.to(self._torch_dtype)
+            # One pass over the (half-size) result: a value beyond float16's range became inf in the cast.
+            if self.dtype == "float16" and not torch.isfinite(cast).all():
+                peak = block.abs().amax().item()
+                raise OverflowError(
+                    f"layer {layer} of {self.info.split}/{self.info.name} has |value| = {peak:g}, beyond "
+                    f"float16's range ({fmt.FLOAT16_MAX:g}); the part was not committed. "
+                    "Re-extract with dtype=float32."
+                )
+            self._pending[layer].append(cast.numpy())
+            self._pending_rows[layer] += block.shape[0]
+            self._flush(layer, final=False)
+
+    def finish(self, example_id: Sequence[str], label: Sequence[int], length: Sequence[int]) -> PartInfo:
+        """Write the per-example columns and then the commit marker. Returns the committed part's info."""
+        length = np.asarray(length, dtype=np.int32)
+        n = self.info.n_examples
+        if not (len(example_id) == len(label) == len(length) == n):
+            raise ValueError(f"part {self.info.name}: expected {n} ids/labels/lengths, got "
+                             f"{len(example_id)}/{len(label)}/{len(length)}")
+        for layer in self._arrays:
+            self._flush(layer, final=True)
+            if self._written[layer] != self.info.n_tokens:
+                raise ValueError(f"layer {layer}: wrote {self._written[layer]} rows, expected {self.info.n_tokens}")
+        if int(length.sum()) != self.info.n_tokens:
+            raise ValueError(f"lengths sum to {int(length.sum())}, expected {self.info.n_tokens} tokens")
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(length, out=offsets[1:])
+        self._write_column(fmt.OFFSETS, offsets)
+        self._write_column(fmt.LENGTH, length)
+        self._write_column(fmt.LABEL, np.asarray(label, dtype=np.int64))
+        self._write_column(fmt.EXAMPLE_ID, np.asarray([str(i) for i in example_id], dtype=object), dtype=str)
+        # The commit marker goes last: until this line, readers do not see the part.
+        commit = {
+            "n_examples": n,
+            "n_tokens": self.info.n_tokens,
+            "source_start": self.info.source_start,
+            "source_stop": self.info.source_stop,
+            "committed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.group.attrs[fmt.COMMIT_ATTR] = commit
+        return self.info
+
+    def _write_column(self, key: str, values: np.ndarray, dtype: Any = None) -> None:
+        arr = self.group.create_array(
+            key, shape=values.shape, dtype=dtype or values.dtype, chunks=(max(1, values.shape[0]),),
+            compressors=_compressor(values.dtype.itemsize) if dtype is None else "auto",
+        )
+        if values.shape[0]:
+            arr[:] = values
+
+    def _flush(self, layer: int, *, final: bool) -> None:
+        block_rows = self._block_rows[layer]
+        while self._pending_rows[layer] >= block_rows or (final and self._pending_rows[layer] > 0):
+            buffered = np.concatenate(self._pending[layer]) if len(self._pending[layer]) > 1 else self._pending[layer][0]
+            take = min(block_rows, buffered.shape[0])
+            start = self._written[layer]
+            if start + take > self.info.n_tokens:
+                raise ValueError(f"layer {layer}: more rows than the {self.info.n_tokens} tokens declared")
+            self._arrays[layer][start : start + take] = buffered[:take]
+            self._written[layer] += take
+            rest = buffered[take:]
+            self._pending[layer] = [rest] if rest.shape[0] else []
+            self._pending_rows[layer] = rest.shape[0]
+
+
+def _chunk_layout(width: int, itemsize: int, n_rows: int) -> tuple[int, int]:
+    """Rows per inner chunk (~CHUNK_BYTES) and per shard (~SHARD_BYTES, a multiple of the chunk)."""
+    row_bytes = width * itemsize
+    chunk_rows = max(1, fmt.CHUNK_BYTES // row_bytes)
+    chunks_per_shard = max(1, fmt.SHARD_BYTES // fmt.CHUNK_BYTES)
+    # A small part gets one shard no bigger than it needs (rounded up to whole chunks).
+    needed_chunks = max(1, math.ceil(n_rows / chunk_rows))
+    chunk_rows = min(chunk_rows, max(1, n_rows))
+    return chunk_rows, chunk_rows * min(chunks_per_shard, needed_chunks)
+
+
+def _compressor(itemsize: int) -> BloscCodec:
+    return BloscCodec(cname=fmt.BLOSC_CNAME, clevel=fmt.BLOSC_CLEVEL, shuffle="shuffle", typesize=itemsize)
+
+
+def _read_array(group: zarr.Group, key: str, where: str) -> np.ndarray:
+    try:
+        return group[key][...]
+    except KeyError as exc:
+        raise CorruptChunkError(f"{where}: array {key!r} is missing") from exc
+    except Exception as exc:  # decoding errors surface as codec-specific exception types
+        raise CorruptChunkError(f"{where}/{key} failed to decode ({type(exc).__name__}: {exc}); "
+                                "delete the part and re-run extraction to redo it") from exc
+
+

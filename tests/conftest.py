@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random BERT saved as a local transformers folder, and a small labelled CSV.
+
+Nothing here touches the network: the model is built from a config, the tokenizer from a vocab written
+on the spot.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("good bad great awful fine movie film plot actor scene love hate boring fun slow fast music "
+         "story ending happy sad dark light long short best worst really very quite not").split()
+LABELS = ("negative", "neutral", "positive")
+
+
+def make_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Save a random-initialised 2-layer, 32-wide BERT + WordPiece tokenizer into ``folder``."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def make_text_csv(path: Path, n: int = 120, *, seed: int = 0) -> Path:
+    """A CSV of ``n`` distinct short texts (1 .. 12 words) whose label follows the words they contain."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 12))]
+        text = " ".join(words)
+        if text in seen:
+            continue
+        seen.add(text)
+        score = sum(w in ("good", "great", "love", "best", "fun", "happy") for w in words) - sum(
+            w in ("bad", "awful", "hate", "worst", "boring", "sad") for w in words)
+        rows.append({"text": text, "label": LABELS[0 if score < 0 else 2 if score > 0 else 1]})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def text_csv(tmp_path) -> Path:
+    return make_text_csv(tmp_path / "texts.csv")

@@ -1,0 +1,40 @@
+"""unipt.train — side networks and baselines trained from a feature store, with no backbone in memory."""
+
+from ._checkpoint import check_store_matches, load_checkpoint, save_checkpoint, store_identity
+from ._loader import ActivationLoader, Batch
+from ._methods import METHODS, get_method, resolve_layers
+from ._metrics import classification_metrics
+from ._pooling import ClassificationHead, masked_mean
+from ._trainer import MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint, fit
+from .config import LoaderConfig, TrainConfig
+from .linear_probe import LinearProbe, LinearProbeConfig
+from .unipt import UniPT, UniPTClassifier, UniPTConfig
+
+__all__ = [
+    "ActivationLoader",
+    "Batch",
+    "LoaderConfig",
+    "TrainConfig",
+    "METHODS",
+    "get_method",
+    "resolve_layers",
+    "build_model",
+    "fit",
+    "evaluate",
+    "evaluate_checkpoint",
+    "RunResult",
+    "MetricsLog",
+    "count_trainable",
+    "classification_metrics",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_store_matches",
+    "store_identity",
+    "masked_mean",
+    "ClassificationHead",
+    "UniPT",
+    "UniPTClassifier",
+    "UniPTConfig",
+    "LinearProbe",
+    "LinearProbeConfig",
+]

@@ -1,0 +1,96 @@
+"""Checkpoints: ``model.safetensors`` (weights) + ``config.json`` (everything to rebuild and check them).
+
+Never pickle: loading a teammate's checkpoint must not be able to run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from unipt.store import FeatureStore, check_provenance
+
+from ._methods import get_method
+
+CHECKPOINT_FORMAT = "unipt-checkpoint"
+CHECKPOINT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def store_identity(store: FeatureStore) -> dict[str, Any]:
+    """The parts of a store's provenance a trained side network depends on.
+
+    Storage dtype is left out on purpose: a float32 and a float16 store of the same backbone feed the
+    same network.
+    """
+    backbone = store.provenance.get("backbone", {})
+    return {
+        "format_version": store.meta["format_version"],
+        "weights_sha256": backbone.get("weights_sha256"),
+        "tokenizer_sha256": backbone.get("tokenizer_sha256"),
+        "label_names": store.label_names,
+    }
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    *,
+    method: str,
+    model_config: Mapping[str, Any],
+    layers: list[int],
+    layer_widths: list[int],
+    store: FeatureStore,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    config = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "method": method,
+        "model": dict(model_config),
+        "layers": layers,
+        "layer_widths": layer_widths,
+        "num_labels": len(store.label_names),
+        "store": store_identity(store),
+        **(extra or {}),
+    }
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` and load its safetensors weights."""
+    directory = Path(directory)
+    config_path = directory / CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory} is not a unipt checkpoint (no {CONFIG})")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != CHECKPOINT_FORMAT or config.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not "
+                         f"{CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}")
+    method = get_method(config["method"])
+    model = method.build(method.make_config(config["model"]), config["layer_widths"], config["num_labels"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(map_location)))
+    return model, config
+
+
+def check_store_matches(config: Mapping[str, Any], store: FeatureStore) -> None:
+    """Refuse a store made from another backbone / label set / format, or missing a needed layer."""
+    check_provenance(config["store"], store_identity(store), what=f"checkpoint does not fit store {store.url}",
+                     hint="Use a store extracted with the checkpoint's backbone and labels.")
+    widths = store.layer_widths
+    for layer, width in zip(config["layers"], config["layer_widths"]):
+        if widths.get(layer) != width:
+            raise ValueError(f"checkpoint needs layer {layer} of width {width}; store {store.url} has "
+                             f"{'width ' + str(widths[layer]) if layer in widths else 'no such layer'} "
+                             f"(layers {store.layers})")

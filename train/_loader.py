@@ -1,0 +1,217 @@
+"""Streams padded batches of cached activations from a feature store; no backbone is loaded.
+
+Two ways through an epoch:
+
+* **memory** — every part is decoded once (in threads) and kept resident in its stored dtype; each epoch
+  is a full shuffle of all examples.
+* **stream** — part order is shuffled each epoch, parts are decoded a few ahead in background threads,
+  and examples are mixed across parts through a shuffle buffer. A buffer of ``shuffle_buffer`` examples
+  over parts of ``P`` examples mixes each example with ~``shuffle_buffer / P`` parts' worth of others.
+
+Either way, examples are sorted by length within windows of ``bucket_batches`` batches before batching
+(so batches carry little padding) and batch order is shuffled again. Batches are padded and assembled in
+a background thread, so the training loop only ever takes a ready batch off a queue.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from unipt.store import FeatureStore, PartData, StoreError
+
+from .config import LoaderConfig
+
+# An example reference: (decoded part, row within the part).
+_Ref = tuple[PartData, int]
+
+
+@dataclass
+class Batch:
+    hidden_states: list[torch.Tensor]  # one (B, N, D_l) tensor per requested layer, zero-padded
+    mask: torch.Tensor  # (B, N) bool, True = real token
+    labels: torch.Tensor  # (B,) int64
+    example_ids: list[str]
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        return Batch(
+            [h.to(device, non_blocking=non_blocking) for h in self.hidden_states],
+            self.mask.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.example_ids,
+        )
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+
+class ActivationLoader:
+    """Iterable of :class:`Batch` over one split of a store, for the requested layers only."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        split: str,
+        layers: Sequence[int],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        config: LoaderConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        pin_memory: bool = False,
+    ):
+        self.store, self.split, self.layers = store, split, list(layers)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.config = config or LoaderConfig()
+        self.dtype, self.pin_memory = dtype, pin_memory
+        self.parts = store.parts(split)
+        if not self.parts:
+            raise StoreError(
+                f"split {split!r} has no committed parts in {store.url} (splits present: {store.splits()}); "
+                "run or resume `unipt extract` for it"
+            )
+        self.num_examples = sum(p.n_examples for p in self.parts)
+        widths = store.layer_widths
+        self.resident_bytes = sum(p.n_tokens for p in self.parts) * sum(widths[l] for l in self.layers) * np.dtype(store.dtype).itemsize
+        mode = self.config.mode
+        if mode == "auto":
+            mode = "memory" if self.resident_bytes <= self.config.memory_budget_gb * 2**30 else "stream"
+        self.mode = mode
+        self._resident: list[PartData] | None = None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seeds this epoch's shuffle: same seed and epoch, same batches."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = self._memory_batches(rng) if self.mode == "memory" else self._stream_batches(rng)
+        return _in_background(lambda: (self._collate(b) for b in batches), self.config.prefetch_batches)
+
+    # ------------------------------------------------------------------ epoch plans
+    def _memory_batches(self, rng: np.random.Generator) -> Iterator[list[_Ref]]:
+        if self._resident is None:
+            with ThreadPoolExecutor(self.config.decode_threads) as pool:
+                self._resident = list(pool.map(self._read, self.parts))
+        refs = [(part, i) for part in self._resident for i in range(part.info.n_examples)]
+        if self.shuffle:
+            refs = [refs[i] for i in rng.permutation(len(refs))]
+            yield from self._bucketed(refs, rng)
+        else:
+            yield from _chunks(refs, self.batch_size)
+
+    def _stream_batches(self, rng: np.random.Generator) -> Iterator[list[_Ref]]:
+        order = rng.permutation(len(self.parts)) if self.shuffle else np.arange(len(self.parts))
+        parts = [self.parts[i] for i in order]
+        buffer: list[_Ref] = []
+        with ThreadPoolExecutor(self.config.decode_threads) as pool:
+            ahead = self.config.prefetch_parts + 1
+            futures = [pool.submit(self._read, p) for p in parts[:ahead]]
+            for k in range(len(parts)):
+                part = futures[k].result()
+                futures[k] = None  # drop the reference: the part lives on only through the buffer
+                if k + ahead < len(parts):
+                    futures.append(pool.submit(self._read, parts[k + ahead]))
+                buffer.extend((part, i) for i in range(part.info.n_examples))
+                if not self.shuffle:
+                    full = len(buffer) - len(buffer) % self.batch_size
+                    yield from _chunks(buffer[:full], self.batch_size)
+                    buffer = buffer[full:]
+                    continue
+                window = self.batch_size * self.config.bucket_batches
+                while len(buffer) >= max(self.config.shuffle_buffer, window):
+                    rng.shuffle(buffer)
+                    yield from self._bucketed(buffer[:window], rng)
+                    buffer = buffer[window:]
+        if self.shuffle:
+            rng.shuffle(buffer)
+            yield from self._bucketed(buffer, rng)
+        else:
+            yield from _chunks(buffer, self.batch_size)
+
+    def _bucketed(self, refs: list[_Ref], rng: np.random.Generator) -> Iterator[list[_Ref]]:
+        """Sort shuffled refs by length within windows, cut into batches, shuffle the batch order."""
+        window = self.batch_size * self.config.bucket_batches
+        for start in range(0, len(refs), window):
+            chunk = sorted(refs[start : start + window], key=lambda r: int(r[0].length[r[1]]))
+            batches = list(_chunks(chunk, self.batch_size))
+            for j in rng.permutation(len(batches)):
+                yield batches[j]
+
+    # ------------------------------------------------------------------ decoding and padding
+    def _read(self, part) -> PartData:
+        return self.store.read_part(part, layers=self.layers)
+
+    def _collate(self, refs: list[_Ref]) -> Batch:
+        lengths = [int(part.length[i]) for part, i in refs]
+        b, n = len(refs), max(lengths)
+        mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]  # (B, N)
+        hidden = []
+        for layer in self.layers:
+            out = torch.zeros(b, n, self.store.layer_widths[layer], dtype=self.dtype, pin_memory=self.pin_memory)
+            for row, (part, i) in enumerate(refs):
+                out[row, : lengths[row]] = part.example(i, layer)  # casts the stored dtype on copy
+            hidden.append(out)
+        labels = torch.tensor([int(part.label[i]) for part, i in refs], dtype=torch.int64)
+        ids = [str(part.example_id[i]) for part, i in refs]
+        return Batch(hidden, mask, labels, ids)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+_DONE = object()
+
+
+def _in_background(make: Callable[[], Iterator], maxsize: int) -> Iterator:
+    """Run the iterator ``make()`` in a daemon thread, handing items over through a bounded queue.
+
+    Exceptions in the producer re-raise in the consumer; a consumer that stops early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=maxsize)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in make():
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="unipt-loader")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,64 @@
+"""The side networks and baselines that train from a store, by name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
+
+from .linear_probe import LinearProbe, LinearProbeConfig
+from .unipt import UniPTClassifier, UniPTConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type
+    build: Callable[[Any, Sequence[int], int], nn.Module]  # (config, layer widths, num labels) -> model
+
+    def make_config(self, values: Mapping[str, Any]) -> Any:
+        valid = {f.name for f in fields(self.config_cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown {self.name} model option(s) {unknown}; valid: {sorted(valid)}")
+        return self.config_cls(**values)
+
+
+METHODS: dict[str, Method] = {
+    "unipt": Method("unipt", UniPTConfig, UniPTClassifier),
+    "linear_probe": Method("linear_probe", LinearProbeConfig, LinearProbe),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
+
+
+def resolve_layers(selection: str | Sequence[int], stored: Sequence[int]) -> list[int]:
+    """Map a layer selection onto the layers a store holds.
+
+    "all" = every stored layer; a non-negative index names a backbone hidden state (0 = embeddings) and
+    must be stored; a negative index counts from the end of the stored layers (-1 = the last one).
+    """
+    stored = list(stored)
+    if isinstance(selection, str):
+        if selection != "all":
+            raise ValueError(f"layer selection must be 'all' or a list of indices, got {selection!r}")
+        return stored
+    resolved = []
+    for index in selection:
+        index = int(index)
+        layer = stored[index] if index < 0 and -len(stored) <= index else index
+        if layer not in stored:
+            raise ValueError(f"layer {index} is not in the store; it holds layers {stored}")
+        resolved.append(layer)
+    return resolved
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    out = asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -1,0 +1,86 @@
+"""Training and loader configuration shared by every method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULES = ("cosine", "linear", "constant")
+SELECT_METRICS = ("accuracy", "macro_f1")
+LOADER_MODES = ("auto", "memory", "stream")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "unipt"
+    """Which side network / baseline to train (a folder under train/: unipt, linear_probe)."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """The method's own config (e.g. UniPTConfig fields: reduction, layers, ...)."""
+    lr: float = 5e-4
+    """AdamW peak learning rate (UniPT's reference: 5e-4)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    epochs: int = 5
+    """Full passes over the training split."""
+    batch_size: int = 32
+    """Examples per optimiser step."""
+    warmup: float = 0.06
+    """Fraction of all steps spent warming the learning rate up linearly from 0."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warm-up: cosine, linear or constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    seed: int = 0
+    """Seeds parameter init, shuffling and dropout."""
+    train_split: str = "train"
+    """Split the model is fitted on."""
+    eval_split: str = "validation"
+    """Split evaluated after every epoch to pick the best checkpoint ("" = keep the last epoch)."""
+    test_split: str = "test"
+    """Split the best checkpoint is finally scored on ("" = none)."""
+    select_metric: str = "accuracy"
+    """Metric on eval_split that decides the best epoch: accuracy or macro_f1."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0 = no limit); for smoke runs."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric must be one of {SELECT_METRICS}, got {self.select_metric!r}")
+
+
+@dataclass
+class LoaderConfig:
+    mode: str = "auto"
+    """"memory": decode the split once and fully shuffle each epoch; "stream": shuffled part order plus a
+    shuffle buffer; "auto": memory when the selected layers fit memory_budget_gb."""
+    memory_budget_gb: float = 4.0
+    """Decoded bytes of the selected layers that "auto" is willing to keep resident."""
+    shuffle_buffer: int = 8192
+    """Examples mixed across parts in stream mode (larger = closer to a full shuffle)."""
+    bucket_batches: int = 50
+    """Batches per window that is sorted by length before batching (less padding, still shuffled)."""
+    prefetch_parts: int = 2
+    """Parts decoded ahead of the one being consumed (stream mode)."""
+    decode_threads: int = 2
+    """Threads decoding parts in the background."""
+    prefetch_batches: int = 8
+    """Padded batches assembled ahead of the training loop."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in LOADER_MODES:
+            raise ValueError(f"mode must be one of {LOADER_MODES}, got {self.mode!r}")
+        for name in ("shuffle_buffer", "bucket_batches", "prefetch_parts", "decode_threads", "prefetch_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
