@@ -24,7 +24,14 @@ log = logging.getLogger("unipt")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come before or after options (`unipt run r -q a=1 b=2`): argparse stops
+    # filling a positional list at the first option, so collect the stragglers here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if "=" not in item or item.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_third_party()
     try:
