@@ -181,7 +181,8 @@ def extract_part(encoder: TextEncoder, store: FeatureStore, task: PartTask, batc
         t0 = time.perf_counter()
         hidden, mask = encoder.hidden_states([features[i] for i in rows])
         # Drop padding: boolean-mask indexing keeps real tokens in (example, position) order = CSR rows.
-        tokens = {layer: hidden[layer][mask].to("cpu", non_blocking=True) for layer in layers}
+        # A blocking copy: the writer thread reads these tensors, and must not see an unfinished GPU copy.
+        tokens = {layer: hidden[layer][mask].to("cpu") for layer in layers}
         summary.forward_seconds += time.perf_counter() - t0
         summary.write_wait_seconds += writer.submit(lambda tokens=tokens: part["writer"].append(tokens))
         summary.tokens[task.split] = summary.tokens.get(task.split, 0) + int(lengths[rows].sum())

@@ -90,7 +90,7 @@ def load_source(config: SourceConfig) -> SourceData:
     for number, row in enumerate(rows, start=1):
         if number == 1:
             _check_columns(config, row)
-        text = row[config.text_column]
+        text = row.get(config.text_column)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{config.path} row {number}: empty or non-text {config.text_column!r} value {text!r}")
         label = row.get(config.label_column) if config.label_column else None
@@ -110,7 +110,7 @@ def load_source(config: SourceConfig) -> SourceData:
     if conflicts:
         log.warning("%d duplicated texts carried different labels; the first occurrence was kept", conflicts)
 
-    label_names = sorted({str(r[2]) for r in records}) if config.label_column else []
+    label_names = _label_names([r[2] for r in records]) if config.label_column else []
     label_index = {name: i for i, name in enumerate(label_names)}
     cuts = _cumulative(config.splits)
     splits: dict[str, list[Example]] = {}
@@ -127,6 +127,17 @@ def load_source(config: SourceConfig) -> SourceData:
     stats = {"rows": len(records) + duplicates, "duplicates_dropped": duplicates, "label_conflicts": conflicts,
              "examples": {name: len(ex) for name, ex in splits.items()}}
     return SourceData(splits=splits, label_names=label_names, fingerprint=fingerprint, stats=stats)
+
+
+def _label_names(labels: list[Any]) -> list[str]:
+    """Class names in a stable order: numerically when every label is a number (0, 1, 2, ..., 10), else as text."""
+    distinct = set(labels)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
+        return [str(v) for v in sorted(distinct)]
+    numeric = {str(v) for v in distinct}
+    if all(v.lstrip("-").isdigit() for v in numeric):  # integer labels read from CSV text
+        return sorted(numeric, key=int)
+    return sorted(numeric)
 
 
 def _hash_subset(examples: list[Example], cap: int) -> list[Example]:

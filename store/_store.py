@@ -122,7 +122,11 @@ class FeatureStore:
         try:
             root = zarr.open_group(store=url, mode="r+", zarr_format=3, storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            root = zarr.open_group(store=url, mode="w", zarr_format=3, storage_options=storage_options)
+            # "w-" fails on anything already there: never clear a folder that is not a store.
+            try:
+                root = zarr.open_group(store=url, mode="w-", zarr_format=3, storage_options=storage_options)
+            except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
+                raise StoreError(f"{url} exists and is not a unipt store; choose a new or empty location") from exc
             root.attrs[fmt.ROOT_ATTR] = meta
             return cls(root, url)
         existing = cls(root, url)
@@ -169,7 +173,7 @@ class FeatureStore:
         if group is None:
             return []
         infos = []
-        for name in sorted(group.group_keys()):
+        for name in _child_names(group):
             info = self._committed_info(group, split, name)
             if info is not None:
                 infos.append(info)
@@ -196,7 +200,7 @@ class FeatureStore:
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write")
         split_group = self._split_group(split, create=True)
         name = fmt.part_key(index)
-        if name in split_group.group_keys() and self._committed_info(split_group, split, name) is not None:
+        if self._committed_info(split_group, split, name) is not None:
             raise StoreError(f"{split}/{name} is already committed in {self.url}; committed parts are immutable")
         info = PartInfo(split, name, n_examples, n_tokens, source_start, source_start + n_examples)
         group = split_group.create_group(name, overwrite=True)
@@ -225,7 +229,7 @@ class FeatureStore:
         columns = {key: _read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.LABEL, fmt.LENGTH, fmt.OFFSETS)}
         decoded = {}
         for layer in layers:
-            arr = _read_array(group, fmt.layer_key(layer), where)
+            arr = _read_array(group, fmt.layer_key(layer), where, complete=True)
             if arr.shape[0] != info.n_tokens:
                 raise CorruptChunkError(f"{where}/{fmt.layer_key(layer)} has {arr.shape[0]} rows, expected {info.n_tokens}")
             decoded[layer] = torch.from_numpy(arr)
@@ -377,9 +381,19 @@ def _compressor(itemsize: int) -> BloscCodec:
     return BloscCodec(cname=fmt.BLOSC_CNAME, clevel=fmt.BLOSC_CLEVEL, shuffle="shuffle", typesize=itemsize)
 
 
-def _read_array(group: zarr.Group, key: str, where: str) -> np.ndarray:
+def _read_array(group: zarr.Group, key: str, where: str, complete: bool = False) -> np.ndarray:
+    """Decode ``group[key]``; errors name the part and array. ``complete``: refuse missing chunk objects,
+    which Zarr would otherwise read back as fill values."""
     try:
-        return group[key][...]
+        array = group[key]
+        if complete:
+            expected = _stored_chunks(array)
+            if array.nchunks_initialized != expected:
+                raise CorruptChunkError(f"{where}/{key}: {expected - array.nchunks_initialized} of {expected} chunks "
+                                        "are missing; delete the part and re-run extraction to redo it")
+        return array[...]
+    except CorruptChunkError:
+        raise
     except KeyError as exc:
         raise CorruptChunkError(f"{where}: array {key!r} is missing") from exc
     except Exception as exc:  # decoding errors surface as codec-specific exception types
@@ -387,3 +401,22 @@ def _read_array(group: zarr.Group, key: str, where: str) -> np.ndarray:
                                 "delete the part and re-run extraction to redo it") from exc
 
 
+
+
+def _stored_chunks(array: zarr.Array) -> int:
+    """Chunks a fully written array holds as Zarr counts them (whole shards times chunks per shard)."""
+    if array.shards is None:
+        return array.nchunks
+    shards = math.prod(math.ceil(n / s) for n, s in zip(array.shape, array.shards))
+    return shards * math.prod(s // c for s, c in zip(array.shards, array.chunks))
+
+
+def _child_names(group: zarr.Group) -> list[str]:
+    """Names of the parts under a split group, listed without parsing their metadata (one cut short by a
+    crash must not hide the others)."""
+    from zarr.core.sync import sync
+
+    async def listing() -> list[str]:
+        return [name async for name in group.store_path.store.list_dir(group.store_path.path)]
+
+    return sorted(name for name in sync(listing()) if name.startswith("part-"))
