@@ -78,6 +78,9 @@ class ActivationLoader:
                 f"split {split!r} has no committed parts in {store.url} (splits present: {store.splits()}); "
                 "run or resume `unipt extract` for it"
             )
+        missing = sorted(set(self.layers) - set(store.layers))
+        if missing:
+            raise StoreError(f"layers {missing} are not in {store.url}; it stores layers {store.layers}")
         self.num_examples = sum(p.n_examples for p in self.parts)
         widths = store.layer_widths
         self.resident_bytes = sum(p.n_tokens for p in self.parts) * sum(widths[l] for l in self.layers) * np.dtype(store.dtype).itemsize
@@ -97,8 +100,19 @@ class ActivationLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        batches = self._memory_batches(rng) if self.mode == "memory" else self._stream_batches(rng)
-        return _in_background(lambda: (self._collate(b) for b in batches), self.config.prefetch_batches)
+
+        def padded_batches() -> Iterator[Batch]:
+            plan = self._memory_batches(rng) if self.mode == "memory" else self._stream_batches(rng)
+            try:
+                for refs in plan:
+                    yield self._collate(refs)
+            finally:
+                # Close the plan here, on the producer thread. Left to the garbage collector, it could be
+                # finalised on any thread, including zarr's event-loop thread, where shutting down its
+                # decode pool (whose workers need that loop) would deadlock.
+                plan.close()
+
+        return _in_background(padded_batches, self.config.prefetch_batches)
 
     # ------------------------------------------------------------------ epoch plans
     def _memory_batches(self, rng: np.random.Generator) -> Iterator[list[_Ref]]:
@@ -195,13 +209,16 @@ def _in_background(make: Callable[[], Iterator], maxsize: int) -> Iterator:
         return False
 
     def produce() -> None:
+        items = make()
         try:
-            for item in make():
+            for item in items:
                 if not put(item):
                     return
             put(_DONE)
         except BaseException as exc:  # handed to the consumer, re-raised there
             put(exc)
+        finally:
+            items.close()
 
     thread = threading.Thread(target=produce, daemon=True, name="unipt-loader")
     thread.start()

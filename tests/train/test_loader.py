@@ -1,0 +1,322 @@
+"""ActivationLoader over a real on-disk feature store written part by part (no backbone involved)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import types
+from collections import Counter
+
+import pytest
+import torch
+
+from unipt.store import FeatureStore, StoreError
+from unipt.train import ActivationLoader, LoaderConfig
+
+LAYERS = (0, 2)
+WIDTHS = {0: 6, 2: 10}  # two layers of different widths
+# examples per part, with ragged lengths (several of length 1)
+PART_LENGTHS = [
+    [3, 1, 7, 2, 5],
+    [1, 1, 4],
+    [6, 2, 8, 1, 3, 2, 5],
+    [4],
+    [2, 9, 1, 3],
+]
+N_EXAMPLES = sum(len(p) for p in PART_LENGTHS)
+
+
+def write_store(url: str, dtype: str = "float32", seed: int = 0):
+    """Write PART_LENGTHS into a new store; return it and {example_id: (label, length, {layer: rows})}."""
+    store = FeatureStore.create(
+        url, layers=LAYERS, layer_widths=[WIDTHS[l] for l in LAYERS], dtype=dtype,
+        label_names=["a", "b", "c"], provenance={"backbone": "none", "test": True},
+    )
+    g = torch.Generator().manual_seed(seed)
+    expected = {}
+    start = 0
+    for index, lengths in enumerate(PART_LENGTHS):
+        n_tokens = sum(lengths)
+        writer = store.part_writer("train", index, n_examples=len(lengths), n_tokens=n_tokens, source_start=start)
+        ids, labels = [], []
+        for j, n in enumerate(lengths):
+            k = start + j
+            eid, label = f"ex{k:03d}", k % 3
+            # non-zero values everywhere (offset by 1) so zero padding is distinguishable from data
+            rows = {l: torch.randn(n, WIDTHS[l], generator=g) + (k + 1) for l in LAYERS}
+            writer.append(rows)  # one example per append: several appends per part
+            expected[eid] = (label, n, rows)
+            ids.append(eid)
+            labels.append(label)
+        writer.finish(ids, labels, lengths)
+        start += len(lengths)
+    return store, expected
+
+
+@pytest.fixture(scope="module")
+def store_and_expected(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("loader") / "store.zarr")
+    store, expected = write_store(url)
+    return FeatureStore.open(url), expected
+
+
+MODES = {
+    "memory": lambda: LoaderConfig(mode="memory", bucket_batches=2, prefetch_batches=2),
+    "stream": lambda: LoaderConfig(mode="stream", shuffle_buffer=3, bucket_batches=1, prefetch_parts=1,
+                                   decode_threads=2, prefetch_batches=2),
+}
+
+
+def make_loader(store, mode, *, layers=LAYERS, batch_size=3, shuffle=True, seed=0, split="train"):
+    return ActivationLoader(store, split, list(layers), batch_size=batch_size, shuffle=shuffle, seed=seed,
+                            config=MODES[mode]())
+
+
+def epoch_ids(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return [eid for batch in loader for eid in batch.example_ids]
+
+
+# --------------------------------------------------------------------------- contents
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_every_example_once_with_exact_values(store_and_expected, mode, shuffle):
+    store, expected = store_and_expected
+    loader = make_loader(store, mode, shuffle=shuffle)
+    assert loader.mode == mode
+    assert loader.num_examples == N_EXAMPLES
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        seen = Counter()
+        n_batches = 0
+        for batch in loader:
+            n_batches += 1
+            b, n = batch.mask.shape
+            assert 1 <= b <= 3 and len(batch) == b
+            assert batch.mask.dtype == torch.bool
+            assert batch.labels.dtype == torch.int64 and batch.labels.shape == (b,)
+            assert [h.shape for h in batch.hidden_states] == [(b, n, WIDTHS[l]) for l in LAYERS]
+            assert all(h.dtype == torch.float32 for h in batch.hidden_states)
+            lengths = [expected[eid][1] for eid in batch.example_ids]
+            assert n == max(lengths)  # padded to the longest in the batch, no further
+            for row, eid in enumerate(batch.example_ids):
+                label, length, rows = expected[eid]
+                seen[eid] += 1
+                assert int(batch.labels[row]) == label
+                assert batch.mask[row].tolist() == [True] * length + [False] * (n - length)
+                for h, layer in zip(batch.hidden_states, LAYERS):
+                    assert torch.equal(h[row, :length], rows[layer])
+                    assert torch.all(h[row, length:] == 0)
+        assert seen == Counter({eid: 1 for eid in expected})
+        assert n_batches == len(loader) == -(-N_EXAMPLES // 3)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_no_shuffle_is_deterministic_and_in_store_order(store_and_expected, mode):
+    store, expected = store_and_expected
+    loader = make_loader(store, mode, shuffle=False)
+    first = epoch_ids(loader, 0)
+    assert first == sorted(expected)  # ids were written in source order ex000, ex001, ...
+    assert epoch_ids(loader, 1) == first
+    assert epoch_ids(make_loader(store, mode, shuffle=False, seed=5), 3) == first
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_shuffle_changes_across_epochs_and_repeats_for_same_seed(store_and_expected, mode):
+    store, _ = store_and_expected
+    loader = make_loader(store, mode, shuffle=True, seed=1)
+    e0, e1, e2 = epoch_ids(loader, 0), epoch_ids(loader, 1), epoch_ids(loader, 2)
+    assert sorted(e0) == sorted(e1) == sorted(e2)
+    assert e0 != e1 and e1 != e2 and e0 != e2
+    assert e0 != sorted(e0)  # actually shuffled
+    assert epoch_ids(loader, 0) == e0  # same loader, same epoch again
+    assert epoch_ids(make_loader(store, mode, shuffle=True, seed=1), 1) == e1  # fresh loader, same seed+epoch
+    assert epoch_ids(make_loader(store, mode, shuffle=True, seed=2), 0) != e0  # other seed, other order
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_subset_of_layers(store_and_expected, mode):
+    store, expected = store_and_expected
+    for layers in ([2], [0]):
+        loader = make_loader(store, mode, layers=layers, shuffle=False, batch_size=4)
+        count = 0
+        for batch in loader:
+            assert len(batch.hidden_states) == 1
+            (h,) = batch.hidden_states
+            assert h.shape[-1] == WIDTHS[layers[0]]
+            for row, eid in enumerate(batch.example_ids):
+                _, length, rows = expected[eid]
+                assert torch.equal(h[row, :length], rows[layers[0]])
+                count += 1
+        assert count == N_EXAMPLES
+
+
+def test_subset_of_layers_decodes_only_those(store_and_expected, monkeypatch):
+    store, _ = store_and_expected
+    requested = []
+    real_read = store.read_part
+
+    def spy(part, layers=None):
+        requested.append(list(layers))
+        return real_read(part, layers=layers)
+
+    monkeypatch.setattr(store, "read_part", spy)
+    for _ in make_loader(store, "stream", layers=[2], shuffle=True):
+        pass
+    assert requested and all(r == [2] for r in requested)
+    assert len(requested) == len(PART_LENGTHS)  # each part decoded once per epoch
+
+
+def test_float16_store_is_cast_exactly(tmp_path):
+    store, expected = write_store(str(tmp_path / "half.zarr"), dtype="float16", seed=3)
+    loader = ActivationLoader(store, "train", [0, 2], batch_size=5, shuffle=False,
+                              config=LoaderConfig(mode="memory"), dtype=torch.float32)
+    seen = 0
+    for batch in loader:
+        assert all(h.dtype == torch.float32 for h in batch.hidden_states)
+        for row, eid in enumerate(batch.example_ids):
+            _, length, rows = expected[eid]
+            for h, layer in zip(batch.hidden_states, LAYERS):
+                assert torch.equal(h[row, :length], rows[layer].half().float())
+                assert torch.all(h[row, length:] == 0)
+            seen += 1
+    assert seen == N_EXAMPLES
+
+
+# --------------------------------------------------------------------------- errors
+def test_missing_split_raises_store_error(store_and_expected):
+    store, _ = store_and_expected
+    with pytest.raises(StoreError) as info:
+        make_loader(store, "memory", split="validation")
+    msg = str(info.value)
+    assert "'validation'" in msg and "no committed parts" in msg and "['train']" in msg
+
+
+def test_split_with_only_uncommitted_parts_raises_store_error(tmp_path):
+    store, _ = write_store(str(tmp_path / "s.zarr"))
+    writer = store.part_writer("test", 0, n_examples=1, n_tokens=2, source_start=0)
+    writer.append({l: torch.ones(2, WIDTHS[l]) for l in LAYERS})  # never finished: not committed
+    assert store.parts("test") == []
+    with pytest.raises(StoreError, match=r"split 'test' has no committed parts"):
+        make_loader(store, "stream", split="test")
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_decode_error_propagates_to_consumer(store_and_expected, monkeypatch, mode):
+    store, _ = store_and_expected
+    real_read = store.read_part
+
+    def failing(part, layers=None):
+        if part.index == 2:
+            raise RuntimeError(f"boom in {part.name}")
+        return real_read(part, layers=layers)
+
+    monkeypatch.setattr(store, "read_part", failing)
+    loader = make_loader(store, mode, shuffle=False)
+    got = []
+    with pytest.raises(RuntimeError, match="boom in part-000002"):
+        for batch in loader:
+            got.extend(batch.example_ids)
+    # stream mode hands out earlier parts' batches before it reaches part 2; nothing from part 2 or later
+    assert all(int(eid[2:]) < 8 for eid in got)
+
+
+def _raise_while_padding(refs):
+    raise ValueError("cannot pad")
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_collate_error_propagates(store_and_expected, monkeypatch, mode):
+    store, _ = store_and_expected
+    loader = make_loader(store, mode, shuffle=True)
+    monkeypatch.setattr(loader, "_collate", _raise_while_padding)
+    with pytest.raises(ValueError, match="cannot pad"):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_collate_error_closes_the_epoch_plan(store_and_expected, monkeypatch, mode):
+    """Regression: an error while padding must close the epoch plan on the producer thread.
+
+    Left suspended (inside the stream plan's `with ThreadPoolExecutor`) and reachable only through the
+    traceback's reference cycle, the plan was finalised by the cyclic GC on whatever thread it ran on;
+    on zarr's event-loop thread, pool.shutdown(wait=True) then waited for decode workers that need that
+    loop, and the process deadlocked. Automatic GC is off here so the outcome does not depend on timing.
+    """
+    store, _ = store_and_expected
+    loader = make_loader(store, mode, shuffle=True)
+    monkeypatch.setattr(loader, "_collate", _raise_while_padding)
+    gc.disable()
+    try:
+        with pytest.raises(ValueError, match="cannot pad"):
+            next(iter(loader))
+        suspended = [
+            g for g in gc.get_objects()
+            if type(g) is types.GeneratorType and g.gi_frame is not None
+            and g.gi_frame.f_locals.get("self") is loader
+        ]
+        assert not suspended, f"epoch plan left open after the error: {[g.__name__ for g in suspended]}"
+    finally:
+        gc.enable()
+        gc.collect()  # whatever is left is finalised here, on the main thread, where waiting is safe
+
+
+def test_unknown_layer_is_a_store_error(store_and_expected):
+    store, _ = store_and_expected
+    with pytest.raises(StoreError) as info:
+        make_loader(store, "memory", layers=[0, 1])
+    msg = str(info.value)
+    assert "[1]" in msg and "[0, 2]" in msg
+
+
+def _loader_threads():
+    return {t for t in threading.enumerate() if t.name == "unipt-loader"}
+
+
+def run_with_timeout(fn, seconds: float = 10.0):
+    """Run ``fn`` in a daemon thread; fail (instead of hanging the test run) if it does not finish."""
+    result, error = [], []
+
+    def target():
+        try:
+            result.append(fn())
+        except BaseException as exc:  # re-raised below
+            error.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} did not finish within {seconds} s"
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_breaking_out_early_does_not_hang(store_and_expected, mode):
+    store, _ = store_and_expected
+    loader = ActivationLoader(store, "train", list(LAYERS), batch_size=1, shuffle=True,
+                              config=LoaderConfig(mode=mode, shuffle_buffer=2, prefetch_batches=1, prefetch_parts=1))
+    before = _loader_threads()
+    it = iter(loader)
+    first = run_with_timeout(lambda: next(it))
+    assert len(first) == 1
+    started = _loader_threads() - before
+    assert len(started) == 1
+    time.sleep(0.05)  # let the producer fill the (size 1) queue and block on it
+    it.close()  # what a `break` out of a for loop does when the iterator is dropped
+    for thread in started:
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "producer thread kept running after the consumer stopped"
+
+    def break_then_full_epoch():
+        for _ in loader:
+            break
+        return sum(len(b) for b in loader)
+
+    assert run_with_timeout(break_then_full_epoch) == N_EXAMPLES
+    deadline = time.monotonic() + 5
+    while _loader_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not (_loader_threads() - before)
