@@ -141,9 +141,9 @@ def bench_training(encoder: TextEncoder, examples, store: FeatureStore, reductio
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=2000, help="training examples to extract and train on")
+    parser.add_argument("--examples", type=int, default=4000, help="training examples to extract and train on")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--part-size", type=int, default=1024)
+    parser.add_argument("--part-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--write", metavar="MARKDOWN", help="replace this benchmark's section in that file")
     args = parser.parse_args()

@@ -134,7 +134,7 @@ def run_extraction(
     store = FeatureStore.create(
         store_url, layers=layers, layer_widths=[encoder.widths[l] for l in layers], dtype=config.dtype,
         label_names=data.label_names, provenance=extraction_provenance(source, data, encoder, config, layers),
-        storage_options=storage_options,
+        compression=config.compression, storage_options=storage_options,
     )
     summary = ExtractSummary(store=store_url)
     tasks = []

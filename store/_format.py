@@ -36,11 +36,12 @@ STORAGE_DTYPES = ("float16", "float32")
 DEFAULT_DTYPE = "float16"
 FLOAT16_MAX = 65504.0
 
-# Blosc zstd with byte shuffle: ~1.7-1.8 bytes/value on real float16 activations, decoding at
-# GB/s per core. Level 3 is where the size curve flattens on activations (higher levels cost write
-# time for a fraction of a percent).
-BLOSC_CNAME = "zstd"
-BLOSC_CLEVEL = 3
+# Blosc codecs by name, all with byte shuffle (it puts float16's exponent bytes side by side). Measured on
+# real MiniLM float16 activations (docs/benchmarks.md): lz4 ~1.80 bytes/value, encodes at ~2.5 GB/s and
+# decodes at ~9 GB/s per core; zstd level 3 is ~4 % smaller but ~7x slower both ways. lz4 is the default
+# because extraction and training are CPU-bound; choose zstd for stores that travel over a network.
+COMPRESSIONS = {"lz4": ("lz4", 5), "zstd": ("zstd", 3)}
+DEFAULT_COMPRESSION = "lz4"
 
 # Target uncompressed bytes per inner chunk and per shard. A shard is what lands as one object
 # (file / S3 key); chunks inside it are the unit of decoding.

@@ -99,6 +99,7 @@ class FeatureStore:
         dtype: str,
         label_names: Sequence[str],
         provenance: Mapping[str, Any],
+        compression: str = fmt.DEFAULT_COMPRESSION,
         storage_options: dict | None = None,
     ) -> "FeatureStore":
         """Create a store, or re-open an existing one whose provenance matches (to resume into it).
@@ -108,6 +109,8 @@ class FeatureStore:
         """
         if dtype not in fmt.STORAGE_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not a storage dtype; choose one of {fmt.STORAGE_DTYPES}")
+        if compression not in fmt.COMPRESSIONS:
+            raise ValueError(f"compression {compression!r} is not one of {sorted(fmt.COMPRESSIONS)}")
         if len(layers) != len(layer_widths):
             raise ValueError(f"{len(layers)} layers but {len(layer_widths)} widths")
         meta = {
@@ -115,6 +118,7 @@ class FeatureStore:
             "layers": [int(l) for l in layers],
             "layer_widths": [int(w) for w in layer_widths],
             "dtype": dtype,
+            "compression": compression,
             "label_names": [str(n) for n in label_names],
             "provenance": json.loads(json.dumps(provenance)),  # JSON-normalised, as it will read back
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -210,7 +214,7 @@ class FeatureStore:
             "source_start": source_start,
             "source_stop": source_start + n_examples,
         }
-        return PartWriter(group, info, self.layer_widths, self.dtype)
+        return PartWriter(group, info, self.layer_widths, self.dtype, self.meta["compression"])
 
     # ----------------------------------------------------------------- reading
     def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None) -> PartData:
@@ -269,8 +273,10 @@ class PartWriter:
     written exactly once (a partial write into a Zarr shard would read, merge and rewrite it).
     """
 
-    def __init__(self, group: zarr.Group, info: PartInfo, layer_widths: Mapping[int, int], dtype: str):
+    def __init__(self, group: zarr.Group, info: PartInfo, layer_widths: Mapping[int, int], dtype: str,
+                 compression: str = fmt.DEFAULT_COMPRESSION):
         self.group = group
+        self.compression = compression
         self.info = info
         self.dtype = dtype
         self._np_dtype = np.dtype(dtype)
@@ -288,7 +294,7 @@ class PartWriter:
                 dtype=self._np_dtype,
                 chunks=(chunk_rows, width),
                 shards=(shard_rows, width),
-                compressors=_compressor(self._np_dtype.itemsize),
+                compressors=_compressor(self._np_dtype.itemsize, compression),
                 fill_value=0,
             )
             self._pending[layer], self._pending_rows[layer], self._written[layer] = [], 0, 0
@@ -300,16 +306,16 @@ class PartWriter:
             raise ValueError(f"expected rows for layers {sorted(self._arrays)}, got {sorted(rows)}")
         for layer, block in rows.items():
             block = torch.as_tensor(block)
-            cast = block.to(self._torch_dtype)
-            # One pass over the (half-size) result: a value beyond float16's range became inf in the cast.
-            if self.dtype == "float16" and not torch.isfinite(cast).all():
-                peak = block.abs().amax().item()
+            # aminmax is one fused pass (~30x faster on CPU than isfinite on the float16 result); NaN fails
+            # both comparisons, so it is refused too.
+            if self.dtype == "float16" and block.numel() and not _within_float16(block):
+                peak = block.float().abs().amax().item()
                 raise OverflowError(
                     f"layer {layer} of {self.info.split}/{self.info.name} has |value| = {peak:g}, beyond "
                     f"float16's range ({fmt.FLOAT16_MAX:g}); the part was not committed. "
                     "Re-extract with dtype=float32."
                 )
-            self._pending[layer].append(cast.numpy())
+            self._pending[layer].append(block.to(self._torch_dtype).numpy())
             self._pending_rows[layer] += block.shape[0]
             self._flush(layer, final=False)
 
@@ -346,7 +352,7 @@ class PartWriter:
     def _write_column(self, key: str, values: np.ndarray, dtype: Any = None) -> None:
         arr = self.group.create_array(
             key, shape=values.shape, dtype=dtype or values.dtype, chunks=(max(1, values.shape[0]),),
-            compressors=_compressor(values.dtype.itemsize) if dtype is None else "auto",
+            compressors=_compressor(values.dtype.itemsize, self.compression) if dtype is None else "auto",
         )
         if values.shape[0]:
             arr[:] = values
@@ -377,8 +383,9 @@ def _chunk_layout(width: int, itemsize: int, n_rows: int) -> tuple[int, int]:
     return chunk_rows, chunk_rows * min(chunks_per_shard, needed_chunks)
 
 
-def _compressor(itemsize: int) -> BloscCodec:
-    return BloscCodec(cname=fmt.BLOSC_CNAME, clevel=fmt.BLOSC_CLEVEL, shuffle="shuffle", typesize=itemsize)
+def _compressor(itemsize: int, compression: str) -> BloscCodec:
+    cname, clevel = fmt.COMPRESSIONS[compression]
+    return BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle", typesize=itemsize)
 
 
 def _read_array(group: zarr.Group, key: str, where: str, complete: bool = False) -> np.ndarray:
@@ -401,6 +408,11 @@ def _read_array(group: zarr.Group, key: str, where: str, complete: bool = False)
                                 "delete the part and re-run extraction to redo it") from exc
 
 
+
+
+def _within_float16(block: torch.Tensor) -> bool:
+    low, high = torch.aminmax(block)
+    return bool(low >= -fmt.FLOAT16_MAX) and bool(high <= fmt.FLOAT16_MAX)
 
 
 def _stored_chunks(array: zarr.Array) -> int:

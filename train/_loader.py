@@ -9,13 +9,15 @@ Two ways through an epoch:
   over parts of ``P`` examples mixes each example with ~``shuffle_buffer / P`` parts' worth of others.
 
 Either way, examples are sorted by length within windows of ``bucket_batches`` batches before batching
-(so batches carry little padding) and batch order is shuffled again. Batches are padded and assembled in
-a background thread, so the training loop only ever takes a ready batch off a queue.
+(so batches carry little padding) and batch order is shuffled again. Batches are padded with one gather
+per part and layer; where a core is free for it (or the model is on a GPU) that happens on a background
+thread, so the training loop only takes ready batches off a queue.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +69,7 @@ class ActivationLoader:
         config: LoaderConfig | None = None,
         dtype: torch.dtype = torch.float32,
         pin_memory: bool = False,
+        accelerator: bool = False,
     ):
         self.store, self.split, self.layers = store, split, list(layers)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -90,6 +93,9 @@ class ActivationLoader:
         self.mode = mode
         self._resident: list[PartData] | None = None
         self.epoch = 0
+        background = self.config.background
+        spare_core = (os.cpu_count() or 1) > torch.get_num_threads()
+        self.background = background == "on" or (background == "auto" and (accelerator or spare_core))
 
     def set_epoch(self, epoch: int) -> None:
         """Seeds this epoch's shuffle: same seed and epoch, same batches."""
@@ -112,6 +118,8 @@ class ActivationLoader:
                 # decode pool (whose workers need that loop) would deadlock.
                 plan.close()
 
+        if not self.background:
+            return padded_batches()
         return _in_background(padded_batches, self.config.prefetch_batches)
 
     # ------------------------------------------------------------------ epoch plans
@@ -169,15 +177,26 @@ class ActivationLoader:
         return self.store.read_part(part, layers=self.layers)
 
     def _collate(self, refs: list[_Ref]) -> Batch:
-        lengths = [int(part.length[i]) for part, i in refs]
-        b, n = len(refs), max(lengths)
-        mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]  # (B, N)
+        lengths = np.array([part.length[i] for part, i in refs], dtype=np.int64)
+        b, n = len(refs), int(lengths.max())
+        mask = torch.arange(n)[None, :] < torch.from_numpy(lengths)[:, None]  # (B, N)
+        # Token rows to gather, grouped by part: source rows in the part's CSR arrays, destination rows in
+        # the flattened (B * N) batch. Then one gather + scatter per part and layer, instead of a copy per
+        # example and layer (the Python loop runs once per batch, not once per layer).
+        groups: dict[int, tuple[PartData, list[np.ndarray], list[np.ndarray]]] = {}
+        for row, (part, i) in enumerate(refs):
+            _, src, dst = groups.setdefault(id(part), (part, [], []))
+            src.append(np.arange(part.offsets[i], part.offsets[i] + lengths[row]))
+            dst.append(np.arange(row * n, row * n + lengths[row]))
+        index = [(part, torch.from_numpy(np.concatenate(src)), torch.from_numpy(np.concatenate(dst)))
+                 for part, src, dst in groups.values()]
         hidden = []
         for layer in self.layers:
-            out = torch.zeros(b, n, self.store.layer_widths[layer], dtype=self.dtype, pin_memory=self.pin_memory)
-            for row, (part, i) in enumerate(refs):
-                out[row, : lengths[row]] = part.example(i, layer)  # casts the stored dtype on copy
-            hidden.append(out)
+            width = self.store.layer_widths[layer]
+            out = torch.zeros(b * n, width, dtype=self.dtype, pin_memory=self.pin_memory)
+            for part, src, dst in index:
+                out.index_copy_(0, dst, part.layers[layer].index_select(0, src).to(self.dtype))
+            hidden.append(out.view(b, n, width))
         labels = torch.tensor([int(part.label[i]) for part, i in refs], dtype=torch.int64)
         ids = [str(part.example_id[i]) for part, i in refs]
         return Batch(hidden, mask, labels, ids)

@@ -90,7 +90,7 @@ def fit(
     loader_config = loader_config or LoaderConfig()
     pin = device.type == "cuda"
     train_loader = ActivationLoader(store, config.train_split, layers, batch_size=config.batch_size, shuffle=True,
-                                    seed=config.seed, config=loader_config, pin_memory=pin)
+                                    seed=config.seed, config=loader_config, pin_memory=pin, accelerator=pin)
     eval_loader = _optional_loader(store, config.eval_split, layers, config, loader_config, pin)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -201,7 +201,7 @@ def _optional_loader(store, split, layers, config, loader_config, pin) -> Activa
     if not split or split not in store.splits() or not store.parts(split):
         return None
     return ActivationLoader(store, split, layers, batch_size=max(64, config.batch_size), shuffle=False,
-                            config=loader_config, pin_memory=pin)
+                            config=loader_config, pin_memory=pin, accelerator=pin)
 
 
 def _schedule(config: TrainConfig, total_steps: int):

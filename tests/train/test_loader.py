@@ -62,9 +62,13 @@ def store_and_expected(tmp_path_factory):
 
 
 MODES = {
-    "memory": lambda: LoaderConfig(mode="memory", bucket_batches=2, prefetch_batches=2),
+    "memory": lambda: LoaderConfig(mode="memory", bucket_batches=2, prefetch_batches=2, background="on"),
     "stream": lambda: LoaderConfig(mode="stream", shuffle_buffer=3, bucket_batches=1, prefetch_parts=1,
-                                   decode_threads=2, prefetch_batches=2),
+                                   decode_threads=2, prefetch_batches=2, background="on"),
+    # The same plans, padded on the consumer's thread (the default where torch already uses every core).
+    "memory-inline": lambda: LoaderConfig(mode="memory", bucket_batches=2, background="off"),
+    "stream-inline": lambda: LoaderConfig(mode="stream", shuffle_buffer=3, bucket_batches=1, prefetch_parts=1,
+                                          decode_threads=2, background="off"),
 }
 
 
@@ -84,7 +88,7 @@ def epoch_ids(loader, epoch=0):
 def test_every_example_once_with_exact_values(store_and_expected, mode, shuffle):
     store, expected = store_and_expected
     loader = make_loader(store, mode, shuffle=shuffle)
-    assert loader.mode == mode
+    assert loader.mode == mode.removesuffix("-inline")
     assert loader.num_examples == N_EXAMPLES
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -293,11 +297,12 @@ def run_with_timeout(fn, seconds: float = 10.0):
     return result[0]
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_breaking_out_early_does_not_hang(store_and_expected, mode):
     store, _ = store_and_expected
     loader = ActivationLoader(store, "train", list(LAYERS), batch_size=1, shuffle=True,
-                              config=LoaderConfig(mode=mode, shuffle_buffer=2, prefetch_batches=1, prefetch_parts=1))
+                              config=LoaderConfig(mode=mode, shuffle_buffer=2, prefetch_batches=1, prefetch_parts=1,
+                                                  background="on"))
     before = _loader_threads()
     it = iter(loader)
     first = run_with_timeout(lambda: next(it))
@@ -320,3 +325,18 @@ def test_breaking_out_early_does_not_hang(store_and_expected, mode):
     while _loader_threads() - before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not (_loader_threads() - before)
+
+
+def test_background_auto_needs_a_spare_core_or_an_accelerator(store_and_expected, monkeypatch):
+    store, _ = store_and_expected
+    make = lambda **kw: ActivationLoader(store, "train", list(LAYERS), batch_size=2, shuffle=False,  # noqa: E731
+                                         config=LoaderConfig(background="auto"), **kw)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert not make().background and make(accelerator=True).background
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert make().background
+    before = _loader_threads()
+    inline = ActivationLoader(store, "train", list(LAYERS), batch_size=2, shuffle=False,
+                              config=LoaderConfig(background="off"))
+    assert sum(len(b) for b in inline) == N_EXAMPLES and not (_loader_threads() - before)
