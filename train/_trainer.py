@@ -126,7 +126,8 @@ def fit(
             step += 1
             epoch_seen += len(batch)
             loss_sum += loss.item() * len(batch)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{epoch_seen / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{epoch_seen / (time.perf_counter() - start):.0f}",
+                            refresh=False)
             if config.max_steps and step >= config.max_steps:
                 break
         bar.close()
