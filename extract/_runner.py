@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from unipt.store import FeatureStore
+from unipt.store import FeatureStore, part_key
 
 from ._backbone import TextEncoder
 from ._sources import Example, SourceData, load_source
@@ -141,7 +141,7 @@ def run_extraction(
     for split in splits:
         done = store.committed(split)
         for task in plan_parts(split, data.splits[split], config.part_size):
-            if f"part-{task.index:06d}" in done:
+            if part_key(task.index) in done:
                 summary.parts_skipped += 1
             else:
                 tasks.append(task)
