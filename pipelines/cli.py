@@ -4,6 +4,7 @@
     unipt extract RECIPE [KEY=VALUE ...]    stage 1 only: frozen backbone -> feature store
     unipt train RECIPE [KEY=VALUE ...]      stage 2 only: side networks from the store (no backbone)
     unipt eval CHECKPOINT --store URL       score a checkpoint on a split of a store
+    unipt store info|ls|verify|rm-part ...  inspect and maintain feature stores
     unipt recipes [NAME]                    list shipped recipes, or print one (to copy and edit)
 
 RECIPE is a shipped recipe's name or a path to a TOML file.
@@ -78,6 +79,24 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(handler=_cmd_eval)
 
+    st = sub.add_parser("store", help="inspect and maintain feature stores (info, ls, verify, rm-part)")
+    st_sub = st.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
+    info = st_sub.add_parser("info", parents=[common], help="splits, parts, examples, tokens, bytes, provenance")
+    info.add_argument("url", help="feature store path or URL")
+    info.add_argument("--json", action="store_true", help="print everything as JSON")
+    info.set_defaults(handler=_cmd_store_info)
+    ls = st_sub.add_parser("ls", parents=[common], help="list the feature stores directly under a folder or prefix")
+    ls.add_argument("prefix", help="folder or URL prefix holding stores")
+    ls.set_defaults(handler=_cmd_store_ls)
+    ver = st_sub.add_parser("verify", parents=[common], help="re-hash every object against its commit record")
+    ver.add_argument("url", help="feature store path or URL")
+    ver.set_defaults(handler=_cmd_store_verify)
+    rm = st_sub.add_parser("rm-part", parents=[common], help="delete a (damaged) part so extraction redoes it")
+    rm.add_argument("url", help="feature store path or URL")
+    rm.add_argument("split")
+    rm.add_argument("part", help="part name, e.g. part-000003")
+    rm.set_defaults(handler=_cmd_store_rm_part)
+
     rc = sub.add_parser("recipes", parents=[common], help="list shipped recipes, or print one")
     rc.add_argument("name", nargs="?", help="print this recipe (redirect to a file to start your own)")
     rc.set_defaults(handler=_cmd_recipes)
@@ -128,6 +147,69 @@ def _cmd_eval(args) -> int:
     metrics = evaluate_checkpoint(args.checkpoint, FeatureStore.open(args.store), args.split,
                                   batch_size=args.batch_size, device=args.device)
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}, indent=2))
+    return 0
+
+
+def _cmd_store_info(args) -> int:
+    from unipt.store import FeatureStore, describe
+
+    info = describe(FeatureStore.open(args.url))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    backbone = info["provenance"].get("backbone", {})
+    print(f"{info['url']}  (unipt store v{info['format_version']}, {info['dtype']}, {info['compression']})")
+    print(f"backbone   {backbone.get('architecture', '?')} {backbone.get('location', '')}  "
+          f"weights sha256 {str(backbone.get('weights_sha256', '?'))[:16]}…")
+    print(f"layers     {info['layers']}  widths {sorted(set(info['layer_widths']))}")
+    print(f"labels     {info['label_names']}")
+    print(f"{'split':12s} {'parts':>6s} {'examples':>9s} {'tokens':>10s} {'MiB':>9s}")
+    for split, row in info["splits"].items():
+        print(f"{split:12s} {row['parts']:6d} {row['examples']:9d} {row['tokens']:10d} {row['bytes'] / 2**20:9.1f}")
+    per_value = info["bytes_per_value"]
+    print(f"total {info['bytes'] / 2**20:.1f} MiB; {per_value:.3f} bytes per stored value" if per_value else "empty")
+    return 0
+
+
+def _cmd_store_ls(args) -> int:
+    import fsspec
+
+    from unipt.store import FeatureStore, StoreError
+
+    fs, root = fsspec.core.url_to_fs(args.prefix)
+    protocol = args.prefix.split("://", 1)[0] + "://" if "://" in args.prefix else ""
+    found = 0
+    for entry in sorted(fs.ls(root, detail=False)):
+        url = protocol + entry if protocol else entry
+        try:
+            store = FeatureStore.open(url)
+        except (StoreError, FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+        found += 1
+        counts = ", ".join(f"{s} {store.num_examples(s)}" for s in store.splits())
+        arch = store.provenance.get("backbone", {}).get("architecture", "?")
+        print(f"{url}\t{arch}\t{store.dtype}\tlayers {len(store.layers)}\t{counts}")
+    if not found:
+        print(f"no unipt stores under {args.prefix}", file=sys.stderr)
+    return 0
+
+
+def _cmd_store_verify(args) -> int:
+    from unipt.store import FeatureStore, verify
+
+    report = verify(FeatureStore.open(args.url))
+    for problem in report.problems:
+        print(problem)
+    print(f"{report.url}: {report.parts} parts, {report.objects} objects, {report.bytes / 2**20:.1f} MiB checked; "
+          f"{'OK' if report.ok else f'{len(report.problems)} problem(s); `unipt store rm-part` a damaged part, then re-run extraction'}")
+    return 0 if report.ok else 1
+
+
+def _cmd_store_rm_part(args) -> int:
+    from unipt.store import FeatureStore, remove_part
+
+    removed = remove_part(FeatureStore.open(args.url, mode="r+"), args.split, args.part)
+    print(f"removed {args.split}/{args.part} ({removed} objects); the next extraction run redoes it")
     return 0
 
 

@@ -3,7 +3,9 @@
 Imports none of unipt's other subpackages: a store can be read with nothing but this package.
 """
 
-from ._format import DEFAULT_DTYPE, FORMAT_VERSION, STORAGE_DTYPES, layer_key, part_key
+from ._dtypes import STORAGE_DTYPES, ValueRangeError, bytes_per_token, dequantize
+from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
+from ._format import DEFAULT_DTYPE, FORMAT_VERSION, layer_key, part_key
 from ._provenance import ProvenanceMismatch, check_provenance, provenance_diff
 from ._store import CorruptChunkError, FeatureStore, PartData, PartInfo, PartWriter, StoreError
 
@@ -13,9 +15,17 @@ __all__ = [
     "PartData",
     "PartWriter",
     "StoreError",
+    "ValueRangeError",
+    "dequantize",
+    "bytes_per_token",
     "CorruptChunkError",
     "ProvenanceMismatch",
     "check_provenance",
+    "verify",
+    "VerifyReport",
+    "Problem",
+    "describe",
+    "remove_part",
     "provenance_diff",
     "FORMAT_VERSION",
     "STORAGE_DTYPES",

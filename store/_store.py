@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -14,7 +14,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from . import _format as fmt
+from ._dtypes import SCALE_SUFFIX, STORAGE_DTYPES, STORED_NUMPY, as_tensor, dequantize, encode
 from ._provenance import check_provenance
+from ._recording import RecordingStore
 
 
 class StoreError(RuntimeError):
@@ -50,10 +52,14 @@ class PartData:
     label: np.ndarray  # (n,) int64
     length: np.ndarray  # (n,) int32
     offsets: np.ndarray  # (n + 1,) int64
-    layers: dict[int, torch.Tensor]  # layer -> (total_tokens, D_l), stored dtype
+    layers: dict[int, torch.Tensor]  # layer -> (total_tokens, D_l), stored dtype (int8 for int8 stores)
+    scales: dict[int, torch.Tensor] = field(default_factory=dict)  # int8 stores: layer -> (total_tokens,)
 
-    def example(self, i: int, layer: int) -> torch.Tensor:
-        return self.layers[layer][int(self.offsets[i]) : int(self.offsets[i + 1])]
+    def example(self, i: int, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Example ``i``'s token rows of ``layer`` as float ``dtype`` (dequantised for int8 stores)."""
+        rows = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+        scale = self.scales.get(layer)
+        return dequantize(self.layers[layer][rows], None if scale is None else scale[rows], dtype)
 
 
 class FeatureStore:
@@ -107,8 +113,8 @@ class FeatureStore:
         A store made from another backbone, source or extraction config is refused with the list of
         differing fields: mixing parts from two configs in one store would silently corrupt training.
         """
-        if dtype not in fmt.STORAGE_DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not a storage dtype; choose one of {fmt.STORAGE_DTYPES}")
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not a storage dtype; choose one of {STORAGE_DTYPES}")
         if compression not in fmt.COMPRESSIONS:
             raise ValueError(f"compression {compression!r} is not one of {sorted(fmt.COMPRESSIONS)}")
         if len(layers) != len(layer_widths):
@@ -207,14 +213,17 @@ class FeatureStore:
         if self._committed_info(split_group, split, name) is not None:
             raise StoreError(f"{split}/{name} is already committed in {self.url}; committed parts are immutable")
         info = PartInfo(split, name, n_examples, n_tokens, source_start, source_start + n_examples)
-        group = split_group.create_group(name, overwrite=True)
+        # Written through a store that records the sha256 of every object as it is stored: the commit
+        # marker lists them, and `verify` re-hashes what is there now (no read-back at write time).
+        recorder = RecordingStore(self._root.store)
+        group = zarr.open_group(store=recorder, path=_join(self._root.path, split, name), mode="w", zarr_format=3)
         group.attrs[fmt.PART_ATTR] = {
             "n_examples": n_examples,
             "n_tokens": n_tokens,
             "source_start": source_start,
             "source_stop": source_start + n_examples,
         }
-        return PartWriter(group, info, self.layer_widths, self.dtype, self.meta["compression"])
+        return PartWriter(group, info, self.layer_widths, self.dtype, self.meta["compression"], recorder)
 
     # ----------------------------------------------------------------- reading
     def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None) -> PartData:
@@ -231,12 +240,15 @@ class FeatureStore:
         group = split_group[name]
         where = f"{self.url} {split}/{name}"
         columns = {key: _read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.LABEL, fmt.LENGTH, fmt.OFFSETS)}
-        decoded = {}
+        decoded, scales = {}, {}
         for layer in layers:
-            arr = _read_array(group, fmt.layer_key(layer), where, complete=True)
+            key = fmt.layer_key(layer)
+            arr = _read_array(group, key, where, complete=True)
             if arr.shape[0] != info.n_tokens:
-                raise CorruptChunkError(f"{where}/{fmt.layer_key(layer)} has {arr.shape[0]} rows, expected {info.n_tokens}")
-            decoded[layer] = torch.from_numpy(arr)
+                raise CorruptChunkError(f"{where}/{key} has {arr.shape[0]} rows, expected {info.n_tokens}")
+            decoded[layer] = as_tensor(arr, self.dtype)
+            if self.dtype == "int8":
+                scales[layer] = torch.from_numpy(_read_array(group, key + SCALE_SUFFIX, where, complete=True))
         return PartData(
             info=info,
             example_id=columns[fmt.EXAMPLE_ID].astype(object),  # numpy StringDType -> python str
@@ -244,6 +256,7 @@ class FeatureStore:
             length=columns[fmt.LENGTH].astype(np.int32),
             offsets=columns[fmt.OFFSETS].astype(np.int64),
             layers=decoded,
+            scales=scales,
         )
 
     # ----------------------------------------------------------------- internals
@@ -266,6 +279,11 @@ class FeatureStore:
         return PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"], commit["source_stop"])
 
 
+# Zarr skips chunks equal to the fill value by default; a part stores every chunk, so that a missing
+# object always means damage (an all-zero label column is a real column, not an absent one).
+_ALWAYS_WRITE = {"write_empty_chunks": True}
+
+
 class PartWriter:
     """Writes one part: per-layer token rows in order, then the per-example columns, then the commit marker.
 
@@ -274,50 +292,43 @@ class PartWriter:
     """
 
     def __init__(self, group: zarr.Group, info: PartInfo, layer_widths: Mapping[int, int], dtype: str,
-                 compression: str = fmt.DEFAULT_COMPRESSION):
-        self.group = group
-        self.compression = compression
-        self.info = info
-        self.dtype = dtype
-        self._np_dtype = np.dtype(dtype)
-        self._torch_dtype = getattr(torch, dtype)
-        self._arrays: dict[int, zarr.Array] = {}
-        self._pending: dict[int, list[np.ndarray]] = {}
-        self._pending_rows: dict[int, int] = {}
-        self._written: dict[int, int] = {}
-        self._block_rows: dict[int, int] = {}
+                 compression: str = fmt.DEFAULT_COMPRESSION, recorder: RecordingStore | None = None):
+        self.group, self.info, self.dtype = group, info, dtype
+        self.compression, self.recorder = compression, recorder
+        self._layers = list(layer_widths)
+        self._arrays: dict[str, zarr.Array] = {}  # array key -> array (a layer, and its scales for int8)
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._pending_rows: dict[str, int] = {}
+        self._written: dict[str, int] = {}
+        self._block_rows: dict[str, int] = {}
+        stored = STORED_NUMPY[dtype]
         for layer, width in layer_widths.items():
-            chunk_rows, shard_rows = _chunk_layout(width, self._np_dtype.itemsize, info.n_tokens)
-            self._arrays[layer] = group.create_array(
-                fmt.layer_key(layer),
-                shape=(info.n_tokens, width),
-                dtype=self._np_dtype,
-                chunks=(chunk_rows, width),
-                shards=(shard_rows, width),
-                compressors=_compressor(self._np_dtype.itemsize, compression),
-                fill_value=0,
-            )
-            self._pending[layer], self._pending_rows[layer], self._written[layer] = [], 0, 0
-            self._block_rows[layer] = shard_rows
+            key = fmt.layer_key(layer)
+            chunk_rows, shard_rows = _chunk_layout(width, stored.itemsize, info.n_tokens)
+            self._add_array(key, (width,), stored, chunk_rows, shard_rows)
+            if dtype == "int8":  # one scale per token row, laid out like its layer
+                self._add_array(key + SCALE_SUFFIX, (), np.dtype("float32"), chunk_rows, shard_rows)
+
+    def _add_array(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int) -> None:
+        self._arrays[key] = self.group.create_array(
+            key, shape=(self.info.n_tokens, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
+            shards=(shard_rows, *row_shape), compressors=_compressor(dtype.itemsize, self.compression), fill_value=0,
+            config=_ALWAYS_WRITE,
+        )
+        self._pending[key], self._pending_rows[key], self._written[key] = [], 0, 0
+        self._block_rows[key] = shard_rows
 
     def append(self, rows: Mapping[int, torch.Tensor | np.ndarray]) -> None:
         """Append token rows ``(t, D_l)`` for every layer (same ``t`` for all), in storage order."""
-        if set(rows) != set(self._arrays):
-            raise ValueError(f"expected rows for layers {sorted(self._arrays)}, got {sorted(rows)}")
+        if set(rows) != set(self._layers):
+            raise ValueError(f"expected rows for layers {sorted(self._layers)}, got {sorted(rows)}")
         for layer, block in rows.items():
-            block = torch.as_tensor(block)
-            # aminmax is one fused pass (~30x faster on CPU than isfinite on the float16 result); NaN fails
-            # both comparisons, so it is refused too.
-            if self.dtype == "float16" and block.numel() and not _within_float16(block):
-                peak = block.float().abs().amax().item()
-                raise OverflowError(
-                    f"layer {layer} of {self.info.split}/{self.info.name} has |value| = {peak:g}, beyond "
-                    f"float16's range ({fmt.FLOAT16_MAX:g}); the part was not committed. "
-                    "Re-extract with dtype=float32."
-                )
-            self._pending[layer].append(block.to(self._torch_dtype).numpy())
-            self._pending_rows[layer] += block.shape[0]
-            self._flush(layer, final=False)
+            key = fmt.layer_key(layer)
+            encoded = encode(torch.as_tensor(block), self.dtype, f"layer {layer} of {self.info.split}/{self.info.name}")
+            for suffix, values in encoded.items():
+                self._pending[key + suffix].append(values)
+                self._pending_rows[key + suffix] += values.shape[0]
+                self._flush(key + suffix, final=False)
 
     def finish(self, example_id: Sequence[str], label: Sequence[int], length: Sequence[int]) -> PartInfo:
         """Write the per-example columns and then the commit marker. Returns the committed part's info."""
@@ -326,10 +337,10 @@ class PartWriter:
         if not (len(example_id) == len(label) == len(length) == n):
             raise ValueError(f"part {self.info.name}: expected {n} ids/labels/lengths, got "
                              f"{len(example_id)}/{len(label)}/{len(length)}")
-        for layer in self._arrays:
-            self._flush(layer, final=True)
-            if self._written[layer] != self.info.n_tokens:
-                raise ValueError(f"layer {layer}: wrote {self._written[layer]} rows, expected {self.info.n_tokens}")
+        for key in self._arrays:
+            self._flush(key, final=True)
+            if self._written[key] != self.info.n_tokens:
+                raise ValueError(f"{key}: wrote {self._written[key]} rows, expected {self.info.n_tokens}")
         if int(length.sum()) != self.info.n_tokens:
             raise ValueError(f"lengths sum to {int(length.sum())}, expected {self.info.n_tokens} tokens")
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -338,38 +349,45 @@ class PartWriter:
         self._write_column(fmt.LENGTH, length)
         self._write_column(fmt.LABEL, np.asarray(label, dtype=np.int64))
         self._write_column(fmt.EXAMPLE_ID, np.asarray([str(i) for i in example_id], dtype=object), dtype=str)
-        # The commit marker goes last: until this line, readers do not see the part.
-        commit = {
+        # The commit marker goes last: until this line, readers do not see the part. It lists the sha256 of
+        # every object written for the part (the part's own metadata document, rewritten here, excepted).
+        prefix = self.group.store_path.path + "/"
+        objects = {} if self.recorder is None else {
+            key[len(prefix):]: digest for key, digest in sorted(self.recorder.digests.items())
+            if key.startswith(prefix) and key != prefix + "zarr.json"}
+        self.group.attrs[fmt.COMMIT_ATTR] = {
             "n_examples": n,
             "n_tokens": self.info.n_tokens,
             "source_start": self.info.source_start,
             "source_stop": self.info.source_stop,
             "committed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "sha256": objects,
         }
-        self.group.attrs[fmt.COMMIT_ATTR] = commit
         return self.info
 
     def _write_column(self, key: str, values: np.ndarray, dtype: Any = None) -> None:
         arr = self.group.create_array(
             key, shape=values.shape, dtype=dtype or values.dtype, chunks=(max(1, values.shape[0]),),
             compressors=_compressor(values.dtype.itemsize, self.compression) if dtype is None else "auto",
+            config=_ALWAYS_WRITE,
         )
         if values.shape[0]:
             arr[:] = values
 
-    def _flush(self, layer: int, *, final: bool) -> None:
-        block_rows = self._block_rows[layer]
-        while self._pending_rows[layer] >= block_rows or (final and self._pending_rows[layer] > 0):
-            buffered = np.concatenate(self._pending[layer]) if len(self._pending[layer]) > 1 else self._pending[layer][0]
+    def _flush(self, key: str, *, final: bool) -> None:
+        block_rows = self._block_rows[key]
+        while self._pending_rows[key] >= block_rows or (final and self._pending_rows[key] > 0):
+            pending = self._pending[key]
+            buffered = np.concatenate(pending) if len(pending) > 1 else pending[0]
             take = min(block_rows, buffered.shape[0])
-            start = self._written[layer]
+            start = self._written[key]
             if start + take > self.info.n_tokens:
-                raise ValueError(f"layer {layer}: more rows than the {self.info.n_tokens} tokens declared")
-            self._arrays[layer][start : start + take] = buffered[:take]
-            self._written[layer] += take
+                raise ValueError(f"{key}: more rows than the {self.info.n_tokens} tokens declared")
+            self._arrays[key][start : start + take] = buffered[:take]
+            self._written[key] += take
             rest = buffered[take:]
-            self._pending[layer] = [rest] if rest.shape[0] else []
-            self._pending_rows[layer] = rest.shape[0]
+            self._pending[key] = [rest] if rest.shape[0] else []
+            self._pending_rows[key] = rest.shape[0]
 
 
 def _chunk_layout(width: int, itemsize: int, n_rows: int) -> tuple[int, int]:
@@ -410,11 +428,6 @@ def _read_array(group: zarr.Group, key: str, where: str, complete: bool = False)
 
 
 
-def _within_float16(block: torch.Tensor) -> bool:
-    low, high = torch.aminmax(block)
-    return bool(low >= -fmt.FLOAT16_MAX) and bool(high <= fmt.FLOAT16_MAX)
-
-
 def _stored_chunks(array: zarr.Array) -> int:
     """Chunks a fully written array holds as Zarr counts them (whole shards times chunks per shard)."""
     if array.shards is None:
@@ -432,3 +445,7 @@ def _child_names(group: zarr.Group) -> list[str]:
         return [name async for name in group.store_path.store.list_dir(group.store_path.path)]
 
     return sorted(name for name in sync(listing()) if name.startswith("part-"))
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from unipt.store import FeatureStore, PartData, StoreError
+from unipt.store import FeatureStore, PartData, StoreError, bytes_per_token, dequantize
 
 from .config import LoaderConfig
 
@@ -86,7 +86,8 @@ class ActivationLoader:
             raise StoreError(f"layers {missing} are not in {store.url}; it stores layers {store.layers}")
         self.num_examples = sum(p.n_examples for p in self.parts)
         widths = store.layer_widths
-        self.resident_bytes = sum(p.n_tokens for p in self.parts) * sum(widths[l] for l in self.layers) * np.dtype(store.dtype).itemsize
+        self.resident_bytes = sum(p.n_tokens for p in self.parts) * sum(
+            bytes_per_token(store.dtype, widths[l]) for l in self.layers)
         mode = self.config.mode
         if mode == "auto":
             mode = "memory" if self.resident_bytes <= self.config.memory_budget_gb * 2**30 else "stream"
@@ -195,7 +196,10 @@ class ActivationLoader:
             width = self.store.layer_widths[layer]
             out = torch.zeros(b * n, width, dtype=self.dtype, pin_memory=self.pin_memory)
             for part, src, dst in index:
-                out.index_copy_(0, dst, part.layers[layer].index_select(0, src).to(self.dtype))
+                scale = part.scales.get(layer)  # int8 stores: dequantise in torch, after the gather
+                rows = dequantize(part.layers[layer].index_select(0, src),
+                                  None if scale is None else scale.index_select(0, src), self.dtype)
+                out.index_copy_(0, dst, rows)
             hidden.append(out.view(b, n, width))
         labels = torch.tensor([int(part.label[i]) for part, i in refs], dtype=torch.int64)
         ids = [str(part.example_id[i]) for part, i in refs]

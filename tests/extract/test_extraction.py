@@ -91,7 +91,7 @@ def all_examples(store, split):
         data = store.read_part(info)
         for i in range(info.n_examples):
             out.append((data.example_id[i], int(data.label[i]), int(data.length[i]),
-                        {l: data.example(i, l) for l in data.layers}))
+                        {l: data.layers[l][data.offsets[i]:data.offsets[i + 1]] for l in data.layers}))
     return out
 
 

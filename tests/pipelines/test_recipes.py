@@ -107,3 +107,33 @@ def test_recipes_command_lists_and_prints(capsys):
     assert "[train.unipt]" in capsys.readouterr().out
     assert main(["run", "no-such-recipe"]) == 2
     assert "not a shipped recipe (tweets-minilm" in capsys.readouterr().err
+
+
+def test_store_commands_info_ls_verify_rm_part(tiny_bert_dir, text_csv, tmp_path, capsys):
+    args = tiny_overrides(tiny_bert_dir, text_csv, tmp_path / "work", [])
+    assert main(["extract", "tweets-minilm", "-q", *args]) == 0
+    url = str(tmp_path / "work" / "features.zarr")
+    capsys.readouterr()
+
+    assert main(["store", "info", url]) == 0
+    out = capsys.readouterr().out
+    assert "float16, lz4" in out and "BertModel" in out and "bytes per stored value" in out
+    assert main(["store", "info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert sum(s["examples"] for s in info["splits"].values()) == 120
+
+    assert main(["store", "ls", str(tmp_path / "work")]) == 0
+    assert url in capsys.readouterr().out
+
+    assert main(["store", "verify", url]) == 0
+    assert "OK" in capsys.readouterr().out
+    # damage one object: verify names it and fails; rm-part + re-extract repairs the store
+    chunk = next(p for p in (tmp_path / "work" / "features.zarr" / "train" / "part-000000").rglob("c/*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    assert main(["store", "verify", url]) == 1
+    assert "corrupt    train/part-000000/" in capsys.readouterr().out
+    assert main(["store", "rm-part", url, "train", "part-000000"]) == 0
+    assert main(["extract", "tweets-minilm", "-q", *args]) == 0
+    assert main(["store", "verify", url]) == 0
+    assert main(["store", "rm-part", url, "train", "part-000099"]) == 2
+    assert "no part train/part-000099" in capsys.readouterr().err

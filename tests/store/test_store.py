@@ -292,7 +292,7 @@ def test_create_ignores_location_and_versions(tmp_path):
 
 def test_create_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not a storage dtype"):
-        create(tmp_path / "a.zarr", dtype="int8")
+        create(tmp_path / "a.zarr", dtype="int4")
     with pytest.raises(ValueError, match="2 layers but 1 widths"):
         create(tmp_path / "b.zarr", layer_widths=[8])
 
