@@ -1,9 +1,9 @@
 """Sources: read a table of texts and labels, dedupe it, split it deterministically by hash.
 
 A reader yields raw rows; :func:`load_source` turns them into :class:`Example` lists per split. Everything
-is keyed by the example id (a content hash unless the source names an id column), so the same source
-gives the same splits, subsets and parts on every machine and every run: that is what makes resume and
-distributed extraction safe.
+is keyed by the example id (a content hash unless the source names an id column; a webdataset sample's
+``__key__``), so the same source gives the same splits, subsets and parts on every machine and every run:
+that is what makes resume and distributed extraction safe.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +22,9 @@ from .config import SourceConfig
 
 log = logging.getLogger(__name__)
 
-_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                   ".tar": "webdataset"}
+_SHARD_GLOB = "*.tar"  # the shards of a webdataset folder
 
 
 @dataclass(frozen=True)
@@ -54,55 +57,69 @@ def source_format(config: SourceConfig, path: str) -> str:
     if config.format != "auto":
         return config.format
     if Path(path).is_dir():
-        return "hf"
+        return "webdataset" if any(Path(path).glob(_SHARD_GLOB)) else "hf"
     fmt = _SUFFIX_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the format of {path!r} from its suffix; set source.format to one of "
-                         f"csv, tsv, jsonl, parquet, hf")
+                         f"csv, tsv, jsonl, parquet, hf, webdataset")
     return fmt
 
 
 def read_rows(config: SourceConfig) -> tuple[Iterator[dict[str, Any]], str]:
-    """Raw rows of the source as dicts (a ``__split__`` key where the source has its own splits), and a
-    fingerprint of its content."""
+    """Raw rows of the source as dicts (a ``__split__`` key where the source has its own splits; a
+    webdataset sample's ``__key__``), and a fingerprint of its content."""
+    rows, fingerprint, _ = _open_source(config)
+    return rows, fingerprint
+
+
+def _open_source(config: SourceConfig) -> tuple[Iterator[dict[str, Any]], str, str]:
+    """:func:`read_rows`, and the resolved format."""
     path = resolve_path(config.path)
     fmt = source_format(config, path)
     if fmt == "hf":
-        return _hf_rows(path)
+        return (*_hf_rows(path), fmt)
+    if fmt == "webdataset":
+        shards = webdataset_shards(path)
+        return _webdataset_rows(config, shards), _files_sha256(shards), fmt
     if not Path(path).is_file():
         raise FileNotFoundError(f"source file {path!r} does not exist")
-    fingerprint = _file_sha256(path)
+    fingerprint = _files_sha256([path])
     if fmt in ("csv", "tsv"):
-        return _csv_rows(path, config.encoding, "\t" if fmt == "tsv" else ","), fingerprint
+        return _csv_rows(path, config.encoding, "\t" if fmt == "tsv" else ","), fingerprint, fmt
     if fmt == "jsonl":
-        return _jsonl_rows(path, config.encoding), fingerprint
+        return _jsonl_rows(path, config.encoding), fingerprint, fmt
     import pyarrow.parquet as pq
 
-    return iter(pq.read_table(path).to_pylist()), fingerprint
+    return iter(pq.read_table(path).to_pylist()), fingerprint, fmt
 
 
 def load_source(config: SourceConfig) -> SourceData:
     """Read, validate, dedupe and split the source; apply per-split caps (drawn by hash)."""
-    rows, fingerprint = read_rows(config)
+    rows, fingerprint, fmt = _open_source(config)
+    keyed = fmt == "webdataset"  # the sample's __key__ is a stable source key: the default example id
     records: list[tuple[str, str, Any, str | None]] = []  # (id, text, raw label, source split)
     seen: dict[str, Any] = {}
     duplicates = conflicts = 0
     for number, row in enumerate(rows, start=1):
         if number == 1:
             _check_columns(config, row)
+        where = f"{config.path} row {number}" + (f" (sample {row['__key__']!r})" if keyed else "")
         text = row.get(config.text_column)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{config.path} row {number}: empty or non-text {config.text_column!r} value {text!r}")
+            raise ValueError(f"{where}: empty or non-text {config.text_column!r} value {text!r}")
         label = row.get(config.label_column) if config.label_column else None
         if config.label_column and (label is None or label == ""):
-            raise ValueError(f"{config.path} row {number}: missing {config.label_column!r} value")
+            raise ValueError(f"{where}: missing {config.label_column!r} value")
         if config.dedupe:
             if text in seen:
                 duplicates += 1
                 conflicts += seen[text] != label
                 continue
             seen[text] = label
-        example_id = str(row[config.id_column]) if config.id_column else text_id(text)
+        if config.id_column:
+            example_id = str(row[config.id_column])
+        else:
+            example_id = row["__key__"] if keyed else text_id(text)
         split = row.get("__split__") or (str(row[config.split_column]) if config.split_column else None)
         records.append((example_id, text, label, split))
     if not records:
@@ -161,7 +178,7 @@ def _check_columns(config: SourceConfig, row: dict[str, Any]) -> None:
     missing = [c for c in wanted if c not in row]
     if missing:
         raise KeyError(f"source {config.path} has no column(s) {missing}; its columns are "
-                       f"{sorted(k for k in row if k != '__split__')}")
+                       f"{sorted(k for k in row if k not in ('__split__', '__key__'))}")
 
 
 def _csv_rows(path: str, encoding: str, delimiter: str) -> Iterator[dict[str, Any]]:
@@ -200,9 +217,111 @@ def _hf_rows(path: str) -> tuple[Iterator[dict[str, Any]], str]:
     return iter(data), hashlib.sha256(data._fingerprint.encode()).hexdigest()
 
 
-def _file_sha256(path: str) -> str:
+def webdataset_shards(path: str) -> list[str]:
+    """The shard files of a webdataset source in reading order: a folder's ``*.tar`` files in name order,
+    the expansion of a brace pattern (``shards-{000000..000009}.tar``), or the one file named."""
+    if Path(path).is_dir():
+        shards = sorted(str(p) for p in Path(path).glob(_SHARD_GLOB))
+        if not shards:
+            raise FileNotFoundError(f"webdataset source folder {path!r} holds no {_SHARD_GLOB} shards")
+        return shards
+    _webdataset()  # braceexpand comes with it
+    import braceexpand
+
+    shards = list(braceexpand.braceexpand(path))
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"webdataset source {path!r}: {len(missing)} of {len(shards)} shard files do not "
+                                f"exist, e.g. {missing[:3]}")
+    return shards
+
+
+def _webdataset_rows(config: SourceConfig, shards: list[str]) -> Iterator[dict[str, Any]]:
+    """One row per sample (the files of a shard that share a key): the sample's ``__key__`` and each
+    configured column, read from the member with that extension or else from that field of the sample's
+    json member."""
+    columns = [c for c in (config.text_column, config.label_column, config.id_column, config.split_column) if c]
+    first_seen: dict[str, str] = {}  # key -> shard, to refuse a key used twice (it is the example id)
+    for shard in shards:
+        for sample in _tar_samples(shard):
+            key = sample["__key__"]
+            if config.id_column is None:
+                if key in first_seen:
+                    raise ValueError(f"webdataset sample key {key!r} occurs twice (in {first_seen[key]} and "
+                                     f"{shard}); keys are the example ids, so they must be unique. Set "
+                                     "source.id_column to a member or json field holding a unique id instead.")
+                first_seen[key] = shard
+            fields = _json_fields(sample, config.encoding, shard)
+            row = {"__key__": key}
+            for column in columns:
+                row[column] = _sample_value(sample, fields, column, config.encoding, shard)
+            yield row
+
+
+def _tar_samples(shard: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard, grouped by webdataset's tar iterators: ``{"__key__": ..., ext: bytes}``.
+
+    The file is opened here, so a source path is only ever a file (never a ``pipe:`` command).
+    """
+    tariterators = _webdataset().tariterators
+    with open(shard, "rb") as stream:
+        samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": shard, "stream": stream}]))
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                return
+            except (tarfile.TarError, ValueError) as exc:  # webdataset appends stream objects to the args
+                reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+                raise ValueError(f"webdataset shard {shard} cannot be read: {reason}") from exc
+            yield sample
+
+
+def _json_fields(sample: dict[str, Any], encoding: str, shard: str) -> dict[str, Any] | None:
+    if "json" not in sample:
+        return None
+    try:
+        fields = json.loads(sample["json"].decode(encoding))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"webdataset sample {sample['__key__']!r} in {shard}: its json member is not JSON "
+                         f"({exc})") from exc
+    if not isinstance(fields, dict):
+        raise ValueError(f"webdataset sample {sample['__key__']!r} in {shard}: its json member is a "
+                         f"{type(fields).__name__}, not an object with fields")
+    return fields
+
+
+def _sample_value(sample: dict[str, Any], fields: dict[str, Any] | None, column: str, encoding: str,
+                  shard: str) -> Any:
+    """``column`` of one sample: the member with that extension (decoded text), else the json field."""
+    member = column.lower()  # webdataset lower-cases extensions
+    if member in sample and not member.startswith("__"):
+        try:
+            return sample[member].decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"webdataset sample {sample['__key__']!r} in {shard}: member {member!r} is not "
+                             f"{encoding} text ({exc})") from exc
+    if fields is not None and column in fields:
+        return fields[column]
+    members = sorted(k for k in sample if not k.startswith("__"))
+    has_fields = f" and json fields {sorted(fields)}" if fields is not None else ""
+    raise KeyError(f"webdataset sample {sample['__key__']!r} in {shard} has no {column!r} member and no json "
+                   f"field {column!r}; it has members {members}{has_fields}")
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError as exc:
+        raise ImportError("webdataset sources need the `webdataset` package: pip install webdataset") from exc
+    return webdataset
+
+
+def _files_sha256(paths: list[str]) -> str:
+    """sha256 of the files' contents, one after another (for one file: the file's own sha256)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf")
+SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf", "webdataset")
 AUTOCAST = ("auto", "float16", "bfloat16", "off")
 
 
@@ -13,17 +13,22 @@ AUTOCAST = ("auto", "float16", "bfloat16", "off")
 class SourceConfig:
     path: str = ""
     """A CSV/TSV/JSONL/Parquet file, a `datasets` load_from_disk folder, a hub dataset name (format=hf),
-    or pkg://<package>/<path> for data shipped inside an installed package."""
+    webdataset tar shards (one .tar, a brace pattern such as shards-{000000..000009}.tar, or a folder of
+    *.tar files, read in name order), or pkg://<package>/<path> for data shipped inside an installed package."""
     format: str = "auto"
-    """csv, tsv, jsonl, parquet or hf; auto = from the file suffix (a folder = hf)."""
+    """csv, tsv, jsonl, parquet, hf or webdataset; auto = from the suffix (.tar = webdataset), and a folder
+    is webdataset when it holds *.tar files, else hf."""
     text_column: str = "text"
-    """Column holding the input text."""
+    """Column holding the input text. webdataset: a member's extension (txt = the <key>.txt file) or a
+    field of the sample's <key>.json member."""
     label_column: str | None = "label"
-    """Column holding the class label (any type; classes are its sorted distinct values). None = unlabelled."""
+    """Column holding the class label (any type; classes are its sorted distinct values). None = unlabelled.
+    webdataset: a member's extension (cls) or a json field, as for text_column."""
     id_column: str | None = None
-    """Column holding a stable example id; None = a content hash of the text."""
+    """Column holding a stable example id; None = a content hash of the text (webdataset: the sample's
+    __key__, a stable source key)."""
     encoding: str = "utf-8"
-    """Text encoding of CSV/TSV/JSONL files."""
+    """Text encoding of CSV/TSV/JSONL files and of webdataset text members."""
     dedupe: bool = True
     """Drop repeated texts, keeping the first occurrence (duplicates would leak across splits)."""
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1})
@@ -74,7 +79,9 @@ class ExtractConfig:
     layers: str | Sequence[int] = "all"
     """Hidden states to store: "all" (embeddings + every layer) or indices (0 = embeddings, -1 = last)."""
     dtype: str = "float16"
-    """Storage dtype: float16 (default, half the bytes) or float32 (exact)."""
+    """Storage dtype: float16 (default, half of float32's bytes), bfloat16 (same size, float32's range: for
+    models whose activations overflow float16), int8 (per-token absmax scale, ~half of float16's bytes)
+    or float32 (exact)."""
     compression: str = "lz4"
     """Blosc codec: lz4 (default: fastest to write and read) or zstd (~4 % smaller, ~7x slower)."""
     batch_size: int = 32

@@ -4,7 +4,7 @@
     unipt extract RECIPE [KEY=VALUE ...]    stage 1 only: frozen backbone -> feature store
     unipt train RECIPE [KEY=VALUE ...]      stage 2 only: side networks from the store (no backbone)
     unipt eval CHECKPOINT --store URL       score a checkpoint on a split of a store
-    unipt store info|ls|verify|rm-part ...  inspect and maintain feature stores
+    unipt store info|ls|verify|rm-part|export ...   inspect, maintain and export feature stores
     unipt recipes [NAME]                    list shipped recipes, or print one (to copy and edit)
 
 RECIPE is a shipped recipe's name or a path to a TOML file.
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(handler=_cmd_eval)
 
-    st = sub.add_parser("store", help="inspect and maintain feature stores (info, ls, verify, rm-part)")
+    st = sub.add_parser("store", help="inspect, maintain and export feature stores (info, ls, verify, rm-part, export)")
     st_sub = st.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
     info = st_sub.add_parser("info", parents=[common], help="splits, parts, examples, tokens, bytes, provenance")
     info.add_argument("url", help="feature store path or URL")
@@ -96,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("split")
     rm.add_argument("part", help="part name, e.g. part-000003")
     rm.set_defaults(handler=_cmd_store_rm_part)
+
+    ex = st_sub.add_parser("export", parents=[common], help="write committed parts as webdataset tar shards")
+    ex.add_argument("url", help="feature store path or URL")
+    ex.add_argument("out", help="output folder (new or empty): <split>-NNNNNN.tar shards + manifest.json")
+    ex.add_argument("--format", default="webdataset", choices=["webdataset"], help="output format")
+    ex.add_argument("--split", action="append", default=None, help="export only this split (repeatable)")
+    ex.add_argument("--layers", default=None, help="comma-separated layer indices (default: all stored)")
+    ex.add_argument("--maxcount", type=int, default=10_000, help="examples per tar shard")
+    ex.set_defaults(handler=_cmd_store_export)
 
     rc = sub.add_parser("recipes", parents=[common], help="list shipped recipes, or print one")
     rc.add_argument("name", nargs="?", help="print this recipe (redirect to a file to start your own)")
@@ -210,6 +219,16 @@ def _cmd_store_rm_part(args) -> int:
 
     removed = remove_part(FeatureStore.open(args.url, mode="r+"), args.split, args.part)
     print(f"removed {args.split}/{args.part} ({removed} objects); the next extraction run redoes it")
+    return 0
+
+
+def _cmd_store_export(args) -> int:
+    from unipt.store import FeatureStore, export_webdataset
+
+    layers = None if args.layers is None else [int(v) for v in args.layers.split(",")]
+    shards = export_webdataset(FeatureStore.open(args.url), args.out, splits=args.split, layers=layers,
+                               maxcount=args.maxcount)
+    print(f"wrote {len(shards)} webdataset shard(s) and manifest.json to {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ Imports none of unipt's other subpackages: a store can be read with nothing but 
 """
 
 from ._dtypes import STORAGE_DTYPES, ValueRangeError, bytes_per_token, dequantize
+from ._export import export_webdataset
 from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
 from ._format import DEFAULT_DTYPE, FORMAT_VERSION, layer_key, part_key
 from ._provenance import ProvenanceMismatch, check_provenance, provenance_diff
@@ -26,6 +27,7 @@ __all__ = [
     "Problem",
     "describe",
     "remove_part",
+    "export_webdataset",
     "provenance_diff",
     "FORMAT_VERSION",
     "STORAGE_DTYPES",

@@ -137,3 +137,14 @@ def test_store_commands_info_ls_verify_rm_part(tiny_bert_dir, text_csv, tmp_path
     assert main(["store", "verify", url]) == 0
     assert main(["store", "rm-part", url, "train", "part-000099"]) == 2
     assert "no part train/part-000099" in capsys.readouterr().err
+
+
+def test_store_export_command_writes_webdataset_shards(tiny_bert_dir, text_csv, tmp_path, capsys):
+    args = tiny_overrides(tiny_bert_dir, text_csv, tmp_path / "work", [])
+    assert main(["extract", "tweets-minilm", "-q", *args]) == 0
+    url = str(tmp_path / "work" / "features.zarr")
+    assert main(["store", "export", url, str(tmp_path / "wds"), "--split", "test", "--layers", "0,2"]) == 0
+    manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["test"]
+    assert manifest["splits"]["test"]["examples"] == FeatureStore.open(url).num_examples("test")
+    assert sorted(p.name for p in (tmp_path / "wds").glob("*.tar")) == ["test-000000.tar"]

@@ -1,0 +1,178 @@
+"""Export a feature store's committed parts as webdataset tar shards, for tools that read webdataset.
+
+One shard series per split, ``<out_dir>/<split>-000000.tar`` ..., one sample per example::
+
+    <example_id>.json           {"example_id", "label", "label_name", "length", "split", "part"}
+    <example_id>.layer_000.npy  (length, D_0) token rows in the stored dtype
+    <example_id>.layer_000_scale.npy  (length,) float32 per-token scales (int8 stores only)
+    ...
+
+bfloat16 stores are exported as their stored uint16 bit patterns (npy has no bfloat16):
+``torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)`` reads them back. ``manifest.json``, written
+last, records the store's provenance, the layers, dtype and the per-split counts and shard names.
+Only committed parts are exported; each example is written exactly as :meth:`FeatureStore.read_part`
+decodes it (no cast, no dequantisation).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import _format as fmt
+from ._dtypes import SCALE_SUFFIX
+from ._store import FeatureStore, PartData, StoreError
+
+EXPORT_FORMAT = "unipt-webdataset"
+EXPORT_VERSION = 1
+MANIFEST = "manifest.json"
+_NPY_DTYPES = {"bfloat16": "uint16 (bfloat16 bit patterns)"}  # what a layer's .npy holds, where not the dtype
+
+
+def export_webdataset(
+    store: FeatureStore,
+    out_dir: str,
+    *,
+    splits: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    maxcount: int = 10_000,
+    maxsize: float = 1e9,
+) -> list[str]:
+    """Write ``store``'s committed parts as webdataset tar shards into ``out_dir`` (a local folder that
+    must be new or empty); return the shard paths, split by split in shard order.
+
+    ``splits`` and ``layers`` default to all the store holds. A shard closes after ``maxcount`` examples
+    or once it holds ``maxsize`` bytes (webdataset's ShardWriter limits).
+    """
+    wds = _webdataset()
+    splits = _select_splits(store, splits)
+    layers = _select_layers(store, layers)
+    if maxcount < 1 or maxsize <= 0:
+        raise ValueError(f"maxcount must be >= 1 and maxsize > 0, got {maxcount}, {maxsize}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty folder; export into a new folder (stale "
+                              "shards of an earlier export would be read as part of this one)")
+    out.mkdir(parents=True, exist_ok=True)
+    created = store.meta.get("created")
+    mtime = _dt.datetime.fromisoformat(created).timestamp() if created else None  # reproducible tar headers
+    label_names = store.label_names
+
+    shards: list[str] = []
+    counts: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        parts = store.parts(split)
+        counts[split] = {"examples": 0, "tokens": 0, "parts": len(parts), "shards": []}
+        if not parts:
+            continue
+        written: list[str] = []
+        pattern = str(out / f"{split.replace('%', '%%')}-%06d.tar")
+        seen: set[str] = set()
+        with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False,
+                             mtime=mtime, post=written.append) as sink:
+            for info in parts:
+                data = store.read_part(info, layers)
+                for i in range(info.n_examples):
+                    sink.write(_sample(data, i, layers, label_names, seen))
+                counts[split]["examples"] += info.n_examples
+                counts[split]["tokens"] += info.n_tokens
+        shards.extend(written)
+        counts[split]["shards"] = [os.path.basename(p) for p in written]
+
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "store": {"url": store.url, "format_version": store.meta["format_version"],
+                  "created": store.meta["created"], "provenance": store.provenance},
+        "dtype": store.dtype,
+        "npy_dtype": _NPY_DTYPES.get(store.dtype, store.dtype),
+        "layers": layers,
+        "layer_widths": {str(layer): store.layer_widths[layer] for layer in layers},
+        "members": ["json"] + [f"{fmt.layer_key(layer)}{suffix}.npy" for layer in layers
+                               for suffix in ("", SCALE_SUFFIX) if suffix == "" or store.dtype == "int8"],
+        "label_names": label_names,
+        "splits": counts,
+    }
+    # Written last, like a part's commit marker: a folder without it is an unfinished export.
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return shards
+
+
+def _sample(data: PartData, i: int, layers: list[int], label_names: list[str], seen: set[str]) -> dict[str, Any]:
+    """One example of a decoded part as a webdataset sample of encoded bytes."""
+    example_id = str(data.example_id[i])
+    # webdataset splits a member name at the first "." of its file name: the key part must hold none.
+    if not example_id or "." in example_id.rsplit("/", 1)[-1] or example_id.startswith("__"):
+        raise ValueError(f"example id {example_id!r} of {data.info.split}/{data.info.name} cannot be a webdataset "
+                         "key (it must be non-empty, hold no '.', and not start with '__')")
+    if example_id in seen:
+        raise ValueError(f"example id {example_id!r} occurs twice in split {data.info.split!r}; webdataset keys "
+                         "must be unique")
+    seen.add(example_id)
+    label = int(data.label[i])
+    start, stop = int(data.offsets[i]), int(data.offsets[i + 1])
+    sample: dict[str, Any] = {
+        "__key__": example_id,
+        "json": json.dumps({
+            "example_id": example_id,
+            "label": label,
+            "label_name": label_names[label] if 0 <= label < len(label_names) else None,
+            "length": int(data.length[i]),
+            "split": data.info.split,
+            "part": data.info.name,
+        }).encode("utf-8"),
+    }
+    scales = getattr(data, "scales", None) or {}
+    for layer in layers:
+        key = fmt.layer_key(layer)
+        sample[f"{key}.npy"] = _npy(data.layers[layer][start:stop])
+        if layer in scales:
+            sample[f"{key}{SCALE_SUFFIX}.npy"] = _npy(scales[layer][start:stop])
+    return sample
+
+
+def _npy(rows: torch.Tensor) -> bytes:
+    """Tensor rows in their stored dtype as .npy bytes (bfloat16 as its uint16 bit patterns)."""
+    if rows.dtype == torch.bfloat16:
+        values = rows.view(torch.int16).numpy().view(np.uint16)
+    else:
+        values = rows.numpy()
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(values), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _select_splits(store: FeatureStore, splits: Sequence[str] | None) -> list[str]:
+    available = store.splits()
+    if splits is None:
+        return available
+    unknown = [s for s in splits if s not in available]
+    if unknown:
+        raise StoreError(f"splits {unknown} are not in {store.url}; it has splits {available}")
+    return list(dict.fromkeys(splits))
+
+
+def _select_layers(store: FeatureStore, layers: Sequence[int] | None) -> list[int]:
+    if layers is None:
+        return store.layers
+    layers = [int(layer) for layer in layers]
+    missing = sorted(set(layers) - set(store.layers))
+    if missing:
+        raise StoreError(f"layers {missing} are not in {store.url}; it stores layers {store.layers}")
+    return list(dict.fromkeys(layers))
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError as exc:
+        raise ImportError("exporting webdataset shards needs the `webdataset` package: pip install webdataset") from exc
+    return webdataset
