@@ -1,6 +1,6 @@
 """unipt.extract — run a frozen backbone once and write its per-layer activations to a feature store."""
 
-from ._backbone import TextEncoder, resolve_model_dir
+from ._backbone import TextEncoder, backbone_hashes, resolve_model_dir
 from ._resolve import resolve_path
 from ._runner import (
     BackgroundWriter,
@@ -25,6 +25,7 @@ __all__ = [
     "hash_unit",
     "resolve_path",
     "resolve_model_dir",
+    "backbone_hashes",
     "TextEncoder",
     "run_extraction",
     "extract_part",

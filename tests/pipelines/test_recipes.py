@@ -148,3 +148,15 @@ def test_store_export_command_writes_webdataset_shards(tiny_bert_dir, text_csv, 
     assert list(manifest["splits"]) == ["test"]
     assert manifest["splits"]["test"]["examples"] == FeatureStore.open(url).num_examples("test")
     assert sorted(p.name for p in (tmp_path / "wds").glob("*.tar")) == ["test-000000.tar"]
+
+
+def test_training_refuses_a_store_from_another_backbone(tiny_bert_dir, text_csv, tmp_path, capsys):
+    from conftest import make_tiny_bert
+
+    args = tiny_overrides(tiny_bert_dir, text_csv, tmp_path / "work", ["unipt"])
+    assert main(["extract", "tweets-minilm", "-q", *args]) == 0
+    other = make_tiny_bert(tmp_path / "other-bert", seed=1)
+    capsys.readouterr()
+    assert main(["train", "tweets-minilm", "-q", "--run", "unipt", *args, f"backbone.model='{other}'"]) == 2
+    err = capsys.readouterr().err
+    assert "was not extracted with the recipe's backbone" in err and "weights_sha256: expected" in err
