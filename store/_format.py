@@ -33,12 +33,12 @@ LENGTH = "length"
 # Storage dtypes live in _dtypes.py (float16 default: half of float32's bytes at ~5e-4 relative error).
 DEFAULT_DTYPE = "float16"
 
-# Blosc codecs by name, all with byte shuffle (it puts float16's exponent bytes side by side). Measured on
-# real MiniLM float16 activations (docs/benchmarks.md): lz4 ~1.80 bytes/value, encodes at ~2.5 GB/s and
-# decodes at ~9 GB/s per core; zstd level 3 is ~4 % smaller but ~7x slower both ways. lz4 is the default
-# because extraction and training are CPU-bound; choose zstd for stores that travel over a network.
-COMPRESSIONS = {"lz4": ("lz4", 5), "zstd": ("zstd", 3)}
-DEFAULT_COMPRESSION = "lz4"
+# Blosc codecs by name, both with bit shuffle (measured on real MiniLM float16 activations, one thread:
+# bit shuffle beats byte shuffle on size for both codecs and even decodes zstd faster, docs/benchmarks.md):
+#   zstd-3: ~1.78 bytes/value, encodes ~0.4 GB/s, decodes ~2 GB/s   (default: stores travel and last)
+#   lz4-5:  ~1.80 bytes/value, encodes ~1.6 GB/s, decodes ~3 GB/s   (for CPU-bound extraction)
+COMPRESSIONS = {"zstd": ("zstd", 3), "lz4": ("lz4", 5)}
+DEFAULT_COMPRESSION = "zstd"
 
 # Target uncompressed bytes per inner chunk and per shard. A shard is what lands as one object
 # (file / S3 key); chunks inside it are the unit of decoding.

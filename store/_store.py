@@ -403,7 +403,7 @@ def _chunk_layout(width: int, itemsize: int, n_rows: int) -> tuple[int, int]:
 
 def _compressor(itemsize: int, compression: str) -> BloscCodec:
     cname, clevel = fmt.COMPRESSIONS[compression]
-    return BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle", typesize=itemsize)
+    return BloscCodec(cname=cname, clevel=clevel, shuffle="bitshuffle", typesize=itemsize)
 
 
 def _read_array(group: zarr.Group, key: str, where: str, complete: bool = False) -> np.ndarray:

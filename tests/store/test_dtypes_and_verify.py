@@ -130,6 +130,6 @@ def test_describe_counts_bytes_per_value(tmp_path):
     store, _ = make_store(tmp_path / "s.zarr", "int8")
     info = describe(store)
     assert info["splits"]["train"] == {"parts": 2, "examples": 6, "tokens": 18, "bytes": info["bytes"]}
-    assert info["dtype"] == "int8" and info["compression"] == "lz4"
+    assert info["dtype"] == "int8" and info["compression"] == "zstd"
     # random normals in int8 with a float32 scale per 8- or 12-wide row: ~1 byte/value + scales + headers
     assert 1.0 < info["bytes_per_value"] < 3.0
