@@ -145,6 +145,16 @@ def run_extraction(
                 summary.parts_skipped += 1
             else:
                 tasks.append(task)
+    if config.workers or config.scheduler:
+        from ._distributed import run_on_dask
+
+        distributed, _ = run_on_dask(tasks, backbone, store_url, batch_size=config.batch_size,
+                                     writer_queue=config.writer_queue, workers=config.workers,
+                                     scheduler=config.scheduler, retries=config.retries,
+                                     storage_options=storage_options, progress=progress)
+        distributed.parts_skipped += summary.parts_skipped
+        distributed.seconds = time.perf_counter() - started
+        return distributed
     total = sum(len(t.examples) for t in tasks)
     writer = BackgroundWriter(config.writer_queue)
     with tqdm(total=total, desc="extract", unit="ex", disable=not progress, dynamic_ncols=True) as bar:

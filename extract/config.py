@@ -93,11 +93,20 @@ class ExtractConfig:
     """Which splits to extract (None = every split of the source)."""
     writer_queue: int = 8
     """Batches the background writer may hold before the forward pass waits for it."""
+    workers: int = 0
+    """0 = extract in this process; N = start a local dask cluster of N worker processes (parts are tasks)."""
+    scheduler: str | None = None
+    """Address of an existing dask scheduler (tcp://host:8786): parts run on its workers (SLURM, k8s, one
+    worker per GPU). Overrides `workers`."""
+    retries: int = 2
+    """Times dask re-runs a part whose worker died or failed (parts are idempotent)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.part_size < 1:
             raise ValueError(f"batch_size and part_size must be >= 1, got {self.batch_size}, {self.part_size}")
         if isinstance(self.layers, str) and self.layers != "all":
             raise ValueError(f"extract.layers must be 'all' or a list of indices, got {self.layers!r}")
+        if self.workers < 0 or self.retries < 0:
+            raise ValueError(f"workers and retries must be >= 0, got {self.workers}, {self.retries}")
         if self.writer_queue < 1:
             raise ValueError(f"writer_queue must be >= 1, got {self.writer_queue}")

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="override any recipe field by dotted path, e.g. train.unipt.lr=1e-3 extract.batch_size=64")
         p.add_argument("--full", action="store_true", help="use every source example (drop source.max_examples caps)")
+        p.add_argument("--workers", type=int, metavar="N", help="extract on a local dask cluster of N processes")
+        p.add_argument("--scheduler", metavar="ADDRESS", help="extract on an existing dask cluster (tcp://host:8786)")
         p.set_defaults(handler=handler)
         return p
 
@@ -114,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _recipe(args):
     overrides = list(args.overrides) + (["source.max_examples={}"] if args.full else [])
+    if args.workers is not None:
+        overrides.append(f"extract.workers={args.workers}")
+    if args.scheduler:
+        overrides.append(f"extract.scheduler='{args.scheduler}'")
     return load_recipe(args.recipe, overrides)
 
 

@@ -1,0 +1,106 @@
+"""Parts as dask tasks: the same extraction spread over a local cluster or any dask cluster.
+
+Each task carries builders, not live objects: the backbone's config, the store's URL and the part's
+examples. A worker loads the backbone on its first task and keeps it for every later one (a process-wide
+cache keyed by the backbone config). Tasks are idempotent: a part already committed (by an earlier run, a
+retried task or a concurrent run) is skipped, and an uncommitted one is rewritten from scratch, so dask's
+retries never write a part twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, fields
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from unipt.store import FeatureStore, part_key
+
+from ._backbone import TextEncoder
+from ._runner import BackgroundWriter, ExtractSummary, PartTask, extract_part
+from .config import BackboneConfig
+
+_ENCODERS: dict[str, TextEncoder] = {}
+_LOADS: dict[str, int] = {}  # how often this process loaded each backbone (tests check: once per worker)
+
+
+def worker_encoder(config: BackboneConfig) -> TextEncoder:
+    """This process's encoder for ``config``: loaded on first use, then reused by every task."""
+    key = json.dumps(asdict(config), sort_keys=True)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = TextEncoder(config)
+        _LOADS[key] = _LOADS.get(key, 0) + 1
+    return _ENCODERS[key]
+
+
+def extract_part_task(backbone: BackboneConfig, store_url: str, task: PartTask, batch_size: int,
+                      writer_queue: int, storage_options: dict | None = None) -> dict[str, Any]:
+    """One part on whichever worker runs it; returns that part's counts and timings."""
+    store = FeatureStore.open(store_url, mode="r+", storage_options=storage_options)
+    summary = ExtractSummary(store=store_url)
+    started = time.perf_counter()
+    if part_key(task.index) in store.committed(task.split):
+        summary.parts_skipped = 1  # a retry or a concurrent run finished it first
+    else:
+        encoder = worker_encoder(backbone)
+        writer = BackgroundWriter(writer_queue)
+        try:
+            extract_part(encoder, store, task, batch_size, writer, summary)
+        finally:
+            writer.close()
+        summary.write_seconds = writer.busy_seconds
+    summary.seconds = time.perf_counter() - started
+    return {**asdict(summary), "pid": os.getpid(), "loads": dict(_LOADS)}
+
+
+def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: str, *, batch_size: int,
+                writer_queue: int, workers: int = 0, scheduler: str | None = None, retries: int = 2,
+                storage_options: dict | None = None, progress: bool = True) -> tuple[ExtractSummary, list[dict]]:
+    """Run ``tasks`` on ``scheduler`` (an existing cluster) or a new local cluster of ``workers`` processes."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        # One thread per worker process, and torch told to use its share of the cores, so N workers do not
+        # oversubscribe the machine N times over.
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+                               dashboard_address=None)
+        client = Client(cluster)
+    summary = ExtractSummary(store=store_url)
+    results: list[dict] = []
+    try:
+        futures = [client.submit(extract_part_task, backbone, store_url, task, batch_size, writer_queue,
+                                 storage_options, key=f"unipt-extract-{task.split}-{task.index}-{time.time_ns()}",
+                                 retries=retries, pure=False)
+                   for task in tasks]
+        sizes = {f.key: len(t.examples) for f, t in zip(futures, tasks)}
+        with tqdm(total=sum(sizes.values()), desc=f"extract ({len(client.scheduler_info()['workers'])} workers)",
+                  unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+            for future in as_completed(futures):
+                result = future.result()  # re-raises a task's error once its retries are spent
+                results.append(result)
+                _merge(summary, result)
+                bar.update(sizes[future.key])
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return summary, results
+
+
+def _merge(total: ExtractSummary, part: dict[str, Any]) -> None:
+    for f in fields(ExtractSummary):
+        value = part[f.name]
+        if isinstance(value, dict):
+            target = getattr(total, f.name)
+            for k, v in value.items():
+                target[k] = target.get(k, 0) + v
+        elif isinstance(value, (int, float)) and f.name != "seconds":
+            setattr(total, f.name, getattr(total, f.name) + value)
