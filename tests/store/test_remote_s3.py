@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import make_text_csv
 from s3_server import moto_s3
 from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, TextEncoder, run_extraction
-from unipt.store import FeatureStore, StoreError
+from unipt.store import FeatureStore, StoreError, verify
 from unipt.train import LoaderConfig, TrainConfig, fit
 
 EXTRACT = dict(part_size=32, batch_size=8)  # a few parts per split, few objects (object stores are slow)
@@ -99,6 +99,22 @@ def test_s3_store_holds_exactly_what_a_local_extraction_holds(s3, stores):
                 assert bits(theirs.layers[layer]) == bits(ours.layers[layer]), (split, part.name, layer)
             n_parts += 1
     assert n_parts == remote_summary.parts_written
+    # integrity over HTTP: every object re-hashed against the commit records
+    report = verify(remote)
+    assert report.ok and report.parts == n_parts and report.objects > n_parts
+
+
+def test_verify_names_an_object_corrupted_in_the_bucket(s3, stores):
+    remote_url, _ = stores["remote"]
+    fs = s3.filesystem()
+    key = next(k for k in sorted(fs.find(f"{s3.bucket}/store.zarr/train/part-000000/layer_001/")) if "/c/" in k)
+    original = fs.cat_file(key)
+    try:
+        fs.pipe_file(key, original[:-1] + bytes([original[-1] ^ 0xFF]))
+        problems = verify(FeatureStore.open(remote_url)).problems
+        assert [(p.kind, p.where) for p in problems] == [("corrupt", key.split("store.zarr/", 1)[1])]
+    finally:
+        fs.pipe_file(key, original)
 
 
 def test_endpoint_can_also_come_from_storage_options(s3, stores, monkeypatch):
