@@ -184,7 +184,9 @@ class FeatureStore:
         return self._root.read_only
 
     def splits(self) -> list[str]:
-        return sorted(self._root.group_keys())
+        # Listed directly rather than through zarr's member scan, which warns about (and a strict reader
+        # fails on) the `*.partial` temporary file a killed write can leave beside the split folders.
+        return [name for name in _child_names(self._root, None) if self._split_group(name, create=False) is not None]
 
     def parts(self, split: str) -> list[PartInfo]:
         """Committed parts of ``split`` in index order. Uncommitted (half-written) parts are invisible."""
@@ -270,8 +272,12 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- internals
     def _split_group(self, split: str, *, create: bool) -> zarr.Group | None:
-        if split in self._root.group_keys():
-            return self._root[split]
+        try:
+            group = self._root[split]
+            if isinstance(group, zarr.Group):
+                return group
+        except (KeyError, FileNotFoundError):
+            pass
         if not create:
             return None
         return self._root.create_group(split)
@@ -481,15 +487,17 @@ def _stored_chunks(array: zarr.Array) -> int:
     return shards * math.prod(s // c for s, c in zip(array.shards, array.chunks))
 
 
-def _child_names(group: zarr.Group) -> list[str]:
-    """Names of the parts under a split group, listed without parsing their metadata (one cut short by a
-    crash must not hide the others)."""
+def _child_names(group: zarr.Group, prefix: str | None = "part-") -> list[str]:
+    """Names of the child folders of ``group`` (those starting with ``prefix``; default: parts), listed
+    without parsing their metadata: one cut short by a crash must not hide the others, and temporary files
+    of writes cut short (``*.partial``) are not children."""
     from zarr.core.sync import sync
 
     async def listing() -> list[str]:
         return [name async for name in group.store_path.store.list_dir(group.store_path.path)]
 
-    return sorted(name for name in sync(listing()) if name.startswith("part-"))
+    return sorted(name for name in sync(listing())
+                  if name != "zarr.json" and not name.endswith(".partial") and name.startswith(prefix or ""))
 
 
 def _join(*parts: str) -> str:
