@@ -62,3 +62,19 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def text_csv(tmp_path) -> Path:
     return make_text_csv(tmp_path / "texts.csv")
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_bert_dir):
+    """The tiny BERT as a backbone config (CPU)."""
+    from unipt.extract import BackboneConfig
+
+    return BackboneConfig(model=str(tiny_bert_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def encoder(backbone):
+    """The tiny BERT loaded once for the whole session."""
+    from unipt.extract import TextEncoder
+
+    return TextEncoder(backbone)

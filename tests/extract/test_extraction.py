@@ -44,16 +44,6 @@ def source(csv_path) -> SourceConfig:
 
 
 @pytest.fixture(scope="module")
-def backbone(tiny_bert_dir) -> BackboneConfig:
-    return BackboneConfig(model=str(tiny_bert_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def encoder(backbone) -> TextEncoder:
-    return TextEncoder(backbone)
-
-
-@pytest.fixture(scope="module")
 def live(tiny_bert_dir):
     """The same backbone, loaded independently of unipt."""
     return AutoModel.from_pretrained(tiny_bert_dir).eval(), AutoTokenizer.from_pretrained(tiny_bert_dir)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import make_text_csv
 from s3_server import moto_s3
-from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, TextEncoder, run_extraction
+from unipt.extract import ExtractConfig, SourceConfig, run_extraction
 from unipt.store import FeatureStore, StoreError, verify
 from unipt.train import LoaderConfig, TrainConfig, fit
 
@@ -32,16 +32,6 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> SourceConfig:
     return SourceConfig(path=str(make_text_csv(tmp_path_factory.mktemp("src") / "texts.csv")))
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_bert_dir) -> BackboneConfig:
-    return BackboneConfig(model=str(tiny_bert_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def encoder(backbone) -> TextEncoder:
-    return TextEncoder(backbone)
 
 
 def extract(source, backbone, encoder, url):
