@@ -77,6 +77,19 @@ class TextEncoder:
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
         return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
 
+    def truncated(self, texts: Sequence[str], features: Sequence[dict[str, list[int]]]) -> list[int]:
+        """Indices of the texts that :meth:`tokenize` cut to max_length.
+
+        Only texts that came out exactly max_length long can have been cut; those (few) are tokenised again
+        without truncation to tell "cut" from "fits exactly".
+        """
+        full = [i for i, f in enumerate(features) if len(f["input_ids"]) >= self.max_length]
+        if not full:
+            return []
+        lengths = self.tokenizer([texts[i] for i in full], truncation=False, padding=False,
+                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return [i for i, ids in zip(full, lengths) if len(ids) > self.max_length]
+
     @torch.no_grad()
     def hidden_states(self, features: list[dict[str, list[int]]]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Pad a batch, run the frozen model, return (hidden states (B, N, D) each, mask (B, N) bool)."""
@@ -94,7 +107,9 @@ class TextEncoder:
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "location": self.config.model,
+            # A local folder is recorded absolute, so a checkpoint trained from the store finds it from anywhere.
+            "location": (str(Path(self.config.model).resolve()) if Path(self.config.model).is_dir()
+                         else self.config.model),
             "architecture": type(self.model).__name__,
             **backbone_hashes(self.folder),
             "num_hidden_states": self.num_hidden_states,

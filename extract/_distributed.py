@@ -4,7 +4,9 @@ Each task carries builders, not live objects: the backbone's config, the store's
 examples. A worker loads the backbone on its first task and keeps it for every later one (a process-wide
 cache keyed by the backbone config). Tasks are idempotent: a part already committed (by an earlier run, a
 retried task or a concurrent run) is skipped, and an uncommitted one is rewritten from scratch, so dask's
-retries never write a part twice.
+retries never write a part twice. Every task claims its part under the run's id: a retry of the same run
+takes its own claim over at once, while a part claimed by another run is handed back as deferred and
+submitted again once that run has committed it or died.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from unipt.store import FeatureStore, part_key
+from unipt.store._claims import new_run_id
 
 from ._backbone import TextEncoder
-from ._runner import BackgroundWriter, ExtractSummary, PartTask, extract_part
+from ._runner import BackgroundWriter, ExtractSummary, PartTask, extract_claimed_part, wait_for_other_runs
 from .config import BackboneConfig
 
 _ENCODERS: dict[str, TextEncoder] = {}
@@ -37,28 +40,33 @@ def worker_encoder(config: BackboneConfig) -> TextEncoder:
 
 
 def extract_part_task(backbone: BackboneConfig, store_url: str, task: PartTask, batch_size: int,
-                      writer_queue: int, storage_options: dict | None = None) -> dict[str, Any]:
-    """One part on whichever worker runs it; returns that part's counts and timings."""
+                      writer_queue: int, run_id: str, claim_ttl: float,
+                      storage_options: dict | None = None) -> dict[str, Any]:
+    """One part on whichever worker runs it; returns that part's counts and timings (``deferred``: another
+    run holds the part's claim, nothing was done)."""
     store = FeatureStore.open(store_url, mode="r+", storage_options=storage_options)
     summary = ExtractSummary(store=store_url)
     started = time.perf_counter()
+    deferred = False
     if part_key(task.index) in store.committed(task.split):
         summary.parts_skipped = 1  # a retry or a concurrent run finished it first
     else:
         encoder = worker_encoder(backbone)
-        writer = BackgroundWriter(writer_queue)
-        try:
-            extract_part(encoder, store, task, batch_size, writer, summary)
-        finally:
-            writer.close()
+        with store.claims(run_id, claim_ttl) as claims:
+            writer = BackgroundWriter(writer_queue)
+            try:
+                deferred = not extract_claimed_part(encoder, store, claims, task, batch_size, writer, summary)
+            finally:
+                writer.close()
         summary.write_seconds = writer.busy_seconds
     summary.seconds = time.perf_counter() - started
-    return {**asdict(summary), "pid": os.getpid(), "loads": dict(_LOADS)}
+    return {**asdict(summary), "deferred": deferred, "pid": os.getpid(), "loads": dict(_LOADS)}
 
 
 def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: str, *, batch_size: int,
                 writer_queue: int, workers: int = 0, scheduler: str | None = None, retries: int = 2,
-                storage_options: dict | None = None, progress: bool = True) -> tuple[ExtractSummary, list[dict]]:
+                run_id: str | None = None, claim_ttl: float = 120.0, storage_options: dict | None = None,
+                progress: bool = True) -> tuple[ExtractSummary, list[dict]]:
     """Run ``tasks`` on ``scheduler`` (an existing cluster) or a new local cluster of ``workers`` processes."""
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -73,21 +81,30 @@ def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: 
                                env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
                                dashboard_address=None)
         client = Client(cluster)
+    run_id = run_id or new_run_id()
+    store = FeatureStore.open(store_url, mode="r+", storage_options=storage_options)
     summary = ExtractSummary(store=store_url)
     results: list[dict] = []
     try:
-        futures = [client.submit(extract_part_task, backbone, store_url, task, batch_size, writer_queue,
-                                 storage_options, key=f"unipt-extract-{task.split}-{task.index}-{time.time_ns()}",
-                                 retries=retries, pure=False)
-                   for task in tasks]
-        sizes = {f.key: len(t.examples) for f, t in zip(futures, tasks)}
-        with tqdm(total=sum(sizes.values()), desc=f"extract ({len(client.scheduler_info()['workers'])} workers)",
-                  unit="ex", disable=not progress, dynamic_ncols=True) as bar:
-            for future in as_completed(futures):
-                result = future.result()  # re-raises a task's error once its retries are spent
-                results.append(result)
-                _merge(summary, result)
-                bar.update(sizes[future.key])
+        with tqdm(total=sum(len(t.examples) for t in tasks), unit="ex", disable=not progress, dynamic_ncols=True,
+                  desc=f"extract ({len(client.scheduler_info()['workers'])} workers)") as bar, \
+                store.claims(run_id, claim_ttl) as claims:
+            while tasks:
+                futures = {client.submit(extract_part_task, backbone, store_url, task, batch_size, writer_queue,
+                                         run_id, claim_ttl, storage_options, retries=retries, pure=False,
+                                         key=f"unipt-extract-{task.split}-{task.index}-{time.time_ns()}"): task
+                           for task in tasks}
+                deferred = []
+                for future in as_completed(futures):
+                    result = future.result()  # re-raises a task's error once its retries are spent
+                    if result["deferred"]:
+                        deferred.append(futures[future])
+                        continue
+                    results.append(result)
+                    _merge(summary, result)
+                    bar.update(len(futures[future].examples))
+                # Parts another run holds: wait for it to commit them (counted there) or to die (redo them).
+                tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
     finally:
         client.close()
         if cluster is not None:
@@ -102,5 +119,5 @@ def _merge(total: ExtractSummary, part: dict[str, Any]) -> None:
             target = getattr(total, f.name)
             for k, v in value.items():
                 target[k] = target.get(k, 0) + v
-        elif isinstance(value, (int, float)) and f.name != "seconds":
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "seconds":
             setattr(total, f.name, getattr(total, f.name) + value)

@@ -1,28 +1,41 @@
 """The extraction loop: source -> tokenise -> frozen forward -> background writer -> committed parts.
 
 One part is one task: :func:`extract_part` is all a worker needs, whether parts run one after another
-here or (later) as tasks on a cluster. Committed parts are skipped, so re-running the same command
-resumes an interrupted extraction and redoes only unfinished parts.
+here or as tasks on a dask cluster. Committed parts are skipped, so re-running the same command resumes an
+interrupted extraction and redoes only unfinished parts. A part is claimed before it is written, so several
+runs can extract into one store at once: each skips the parts another is writing and, at the end, waits for
+them to commit (or takes them over when their run died).
+
+Three stages overlap: the next part is tokenised on a helper thread while this part's batches go through the
+backbone, and a background writer casts, compresses and writes the previous batch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from unipt.store import FeatureStore, part_key
+from unipt.store._claims import Claims, new_run_id
+from unipt.store._format import SKIPPED
 
 from ._backbone import TextEncoder
 from ._sources import Example, SourceData, load_source
 from .config import BackboneConfig, ExtractConfig, SourceConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass
@@ -32,6 +45,9 @@ class ExtractSummary:
     tokens: dict[str, int] = field(default_factory=dict)
     parts_written: int = 0
     parts_skipped: int = 0  # already committed: resumed past
+    parts_by_others: int = 0  # committed meanwhile by another run extracting into the same store
+    skipped: dict[str, int] = field(default_factory=dict)  # bad source rows left out, by reason
+    truncated: dict[str, int] = field(default_factory=dict)  # per split: examples cut to max_length
     seconds: float = 0.0
     tokenize_seconds: float = 0.0
     forward_seconds: float = 0.0
@@ -48,11 +64,19 @@ class ExtractSummary:
 
     def describe(self) -> str:
         n, t = sum(self.examples.values()), sum(self.tokens.values())
-        return (f"extracted {n} examples ({t} tokens) into {self.parts_written} parts, {self.parts_skipped} parts "
-                f"already committed; {self.seconds:.1f}s = {self.examples_per_s:.0f} examples/s, "
+        others = f", {self.parts_by_others} written by another run" if self.parts_by_others else ""
+        text = (f"extracted {n} examples ({t} tokens) into {self.parts_written} parts, {self.parts_skipped} parts "
+                f"already committed{others}; {self.seconds:.1f}s = {self.examples_per_s:.0f} examples/s, "
                 f"{self.tokens_per_s:.0f} tokens/s (tokenize {self.tokenize_seconds:.1f}s, forward "
                 f"{self.forward_seconds:.1f}s, writer busy {self.write_seconds:.1f}s, waited on writer "
                 f"{self.write_wait_seconds:.1f}s)")
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
+            text += f"; skipped {sum(self.skipped.values())} bad source rows ({reasons}; listed in the store)"
+        if self.truncated:
+            text += (f"; {sum(self.truncated.values())} examples cut to max_length "
+                     f"({', '.join(f'{s} {c}' for s, c in sorted(self.truncated.items()))})")
+        return text
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,45 @@ class PartTask:
     index: int
     start: int  # first example of the part in the split's source order
     examples: Sequence[Example]
+
+    @property
+    def name(self) -> str:
+        return part_key(self.index)
+
+
+@dataclass
+class TokenizedPart:
+    features: list[dict[str, list[int]]]  # token ids per example, source order
+    lengths: np.ndarray  # (n,) tokens per example
+    truncated: list[int]  # positions of the examples cut to max_length
+    seconds: float
+
+
+def tokenize_part(encoder: TextEncoder, task: PartTask) -> TokenizedPart:
+    t0 = time.perf_counter()
+    texts = [ex.text for ex in task.examples]
+    features = encoder.tokenize(texts)
+    lengths = np.array([len(f["input_ids"]) for f in features], dtype=np.int64)
+    return TokenizedPart(features, lengths, encoder.truncated(texts, features), time.perf_counter() - t0)
+
+
+def prefetch(items: Iterable[T], fn: Callable[[T], U]) -> Iterator[tuple[T, U]]:
+    """Yield ``(item, fn(item))``; ``fn`` of the next item runs on a helper thread while the caller works."""
+    items = iter(items)
+    done = object()
+
+    def step():
+        item = next(items, done)
+        return item, (None if item is done else fn(item))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="unipt-prefetch") as pool:
+        future = pool.submit(step)
+        while True:
+            item, value = future.result()
+            if item is done:
+                return
+            future = pool.submit(step)
+            yield item, value
 
 
 def resolve_extract_layers(selection, num_hidden_states: int) -> list[int]:
@@ -103,6 +166,7 @@ def extraction_provenance(source: SourceConfig, data: SourceData, encoder: TextE
             "splits": source.splits,
             "split_column": source.split_column,
             "max_examples": source.max_examples,
+            "bad_input": source.bad_input,
         },
         "extraction": {"layers": layers, "dtype": config.dtype, "part_size": config.part_size,
                        "mode": "eval"},
@@ -136,7 +200,12 @@ def run_extraction(
         label_names=data.label_names, provenance=extraction_provenance(source, data, encoder, config, layers),
         compression=config.compression, storage_options=storage_options,
     )
-    summary = ExtractSummary(store=store_url)
+    run_id = new_run_id()
+    summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})))
+    if data.skipped:
+        with store.claims(run_id, config.claim_ttl) as claims:
+            if claims.acquire(SKIPPED, "records"):  # else another run started together is writing them
+                store.record_skipped([(s.id, s.row, s.reason) for s in data.skipped])
     tasks = []
     for split in splits:
         done = store.committed(split)
@@ -150,17 +219,25 @@ def run_extraction(
 
         distributed, _ = run_on_dask(tasks, backbone, store_url, batch_size=config.batch_size,
                                      writer_queue=config.writer_queue, workers=config.workers,
-                                     scheduler=config.scheduler, retries=config.retries,
-                                     storage_options=storage_options, progress=progress)
+                                     scheduler=config.scheduler, retries=config.retries, run_id=run_id,
+                                     claim_ttl=config.claim_ttl, storage_options=storage_options,
+                                     progress=progress)
         distributed.parts_skipped += summary.parts_skipped
+        distributed.skipped = summary.skipped
         distributed.seconds = time.perf_counter() - started
         return distributed
     total = sum(len(t.examples) for t in tasks)
-    writer = BackgroundWriter(config.writer_queue)
-    with tqdm(total=total, desc="extract", unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc="extract", unit="ex", disable=not progress, dynamic_ncols=True) as bar, \
+            store.claims(run_id, config.claim_ttl) as claims:
+        writer = BackgroundWriter(config.writer_queue)
         try:
-            for task in tasks:
-                extract_part(encoder, store, task, config.batch_size, writer, summary, bar)
+            while tasks:
+                deferred = []
+                for task, tokenized in prefetch(tasks, lambda task: tokenize_part(encoder, task)):
+                    if not extract_claimed_part(encoder, store, claims, task, config.batch_size, writer, summary,
+                                                bar, tokenized=tokenized):
+                        deferred.append(task)
+                tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
         finally:
             writer.close()
     summary.write_seconds = writer.busy_seconds
@@ -168,14 +245,66 @@ def run_extraction(
     return summary
 
 
+def extract_claimed_part(encoder: TextEncoder, store: FeatureStore, claims: Claims, task: PartTask,
+                         batch_size: int, writer: "BackgroundWriter", summary: ExtractSummary,
+                         bar: tqdm | None = None, tokenized: TokenizedPart | None = None) -> bool:
+    """Claim ``task``'s part and extract it; False (and nothing written) when another run holds it.
+
+    The claim is released by the writer once the part has committed (or by ``claims.close()`` on failure).
+    """
+    if not claims.acquire(task.split, task.name):
+        return False
+    if task.name in store.committed(task.split):  # another run committed it between planning and claiming
+        claims.release(task.split, task.name)
+        summary.parts_by_others += 1
+        if bar is not None:
+            bar.update(len(task.examples))
+        return True
+    extract_part(encoder, store, task, batch_size, writer, summary, bar, tokenized=tokenized,
+                 before_commit=lambda: claims.check(task.split, task.name))
+    writer.submit(lambda: claims.release(task.split, task.name))
+    return True
+
+
+def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[PartTask],
+                        summary: ExtractSummary, bar: tqdm | None = None) -> list[PartTask]:
+    """Wait while other runs hold the claims on ``deferred`` parts; return those still to do here.
+
+    A part another run commits is counted and dropped; a part whose claim goes stale (its run died, or
+    stopped sending heartbeats for ``ttl`` seconds) comes back to be taken over.
+    """
+    pending = list(deferred)
+    announced = False
+    while pending:
+        still = []
+        for task in pending:
+            if task.name in store.committed(task.split):
+                summary.parts_by_others += 1
+                if bar is not None:
+                    bar.update(len(task.examples))
+                continue
+            holder = claims.holder(task.split, task.name)
+            if holder is None or claims.is_stale(holder):
+                return pending  # free to take: back to the extraction loop
+            still.append(task)
+        pending = still
+        if pending:
+            if not announced:
+                log.info("waiting for %d parts another run is extracting into %s", len(pending), store.url)
+                announced = True
+            time.sleep(min(2.0, claims.ttl / 4))
+    return []
+
+
 def extract_part(encoder: TextEncoder, store: FeatureStore, task: PartTask, batch_size: int,
-                 writer: "BackgroundWriter", summary: ExtractSummary, bar: tqdm | None = None) -> None:
-    """Run one part: tokenise, sort by length, forward batch by batch, and queue writes + the commit."""
-    t0 = time.perf_counter()
-    features = encoder.tokenize([ex.text for ex in task.examples])
-    lengths = np.array([len(f["input_ids"]) for f in features], dtype=np.int64)
+                 writer: "BackgroundWriter", summary: ExtractSummary, bar: tqdm | None = None, *,
+                 tokenized: TokenizedPart | None = None, before_commit: Callable[[], None] | None = None) -> None:
+    """Run one part: tokenise (unless done ahead), sort by length, forward batch by batch, and queue the
+    writes + the commit on ``writer``."""
+    tokenized = tokenized or tokenize_part(encoder, task)
+    features, lengths = tokenized.features, tokenized.lengths
     order = np.argsort(-lengths, kind="stable")  # longest first: the largest batch runs (or fails) first
-    summary.tokenize_seconds += time.perf_counter() - t0
+    summary.tokenize_seconds += tokenized.seconds
     n_tokens = int(lengths.sum())
 
     part: dict[str, Any] = {}  # the PartWriter, created on the writer thread (it does I/O)
@@ -202,8 +331,12 @@ def extract_part(encoder: TextEncoder, store: FeatureStore, task: PartTask, batc
             bar.set_postfix(split=task.split, tokens_s=f"{sum(summary.tokens.values()) / elapsed:.0f}", refresh=False)
     ids = [task.examples[i].id for i in order]
     labels = [task.examples[i].label for i in order]
-    writer.submit(lambda: part["writer"].finish(ids, labels, lengths[order]))
+    truncated = [task.examples[i].id for i in tokenized.truncated]
+    writer.submit(lambda: part["writer"].finish(ids, labels, lengths[order], truncated=truncated,
+                                                before_commit=before_commit))
     summary.examples[task.split] = summary.examples.get(task.split, 0) + len(task.examples)
+    if truncated:
+        summary.truncated[task.split] = summary.truncated.get(task.split, 0) + len(truncated)
     summary.parts_written += 1
 
 

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 _SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
                    ".tar": "webdataset"}
 _SHARD_GLOB = "*.tar"  # the shards of a webdataset folder
+# Text files are read with errors="surrogateescape": a byte that is not valid in the source's encoding
+# becomes one lone surrogate, so one bad row can be named (or skipped) instead of failing the whole read.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+_BAD = "__bad__"  # a reader's marker for a row it could not parse: {_BAD: reason, "__detail__": ...}
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,26 @@ class Example:
     label: int  # index into SourceData.label_names; -1 = unlabelled
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A source row left out under ``bad_input = "skip"``, and why."""
+
+    row: int  # 1-based position in the source's reading order
+    id: str  # the example id it would have had; "row-<n>" when none can be formed (e.g. no text)
+    reason: str  # a short category: empty text, non-text value, undecodable text, missing label, not JSON, ...
+
+
+class BadInputError(ValueError):
+    """A source row that cannot become an example, under ``bad_input = "error"``."""
+
+
 @dataclass
 class SourceData:
     splits: dict[str, list[Example]]
     label_names: list[str]
     fingerprint: str  # sha256 of the source's content (not of its path)
     stats: dict[str, Any] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)  # rows left out under bad_input = "skip"
 
 
 def text_id(text: str) -> str:
@@ -94,22 +113,34 @@ def _open_source(config: SourceConfig) -> tuple[Iterator[dict[str, Any]], str, s
 
 
 def load_source(config: SourceConfig) -> SourceData:
-    """Read, validate, dedupe and split the source; apply per-split caps (drawn by hash)."""
+    """Read, validate, dedupe and split the source; apply per-split caps (drawn by hash).
+
+    A row that cannot become an example (empty or undecodable text, a missing label, an unparsable line)
+    raises :class:`BadInputError` naming the row, or with ``bad_input = "skip"`` is left out and listed in
+    ``SourceData.skipped`` with its reason: never dropped silently.
+    """
     rows, fingerprint, fmt = _open_source(config)
     keyed = fmt == "webdataset"  # the sample's __key__ is a stable source key: the default example id
     records: list[tuple[str, str, Any, str | None]] = []  # (id, text, raw label, source split)
+    skipped: list[Skipped] = []
     seen: dict[str, Any] = {}
     duplicates = conflicts = 0
+    columns_checked = False
     for number, row in enumerate(rows, start=1):
-        if number == 1:
-            _check_columns(config, row)
         where = f"{config.path} row {number}" + (f" (sample {row['__key__']!r})" if keyed else "")
-        text = row.get(config.text_column)
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: empty or non-text {config.text_column!r} value {text!r}")
+        if not columns_checked and _BAD not in row:
+            _check_columns(config, row)  # a misnamed column is a config error, not a bad row
+            columns_checked = True
+        problem = _row_problem(config, row)
+        if problem is not None:
+            reason, detail = problem
+            if config.bad_input == "error":
+                raise BadInputError(f"{where}: {detail}. Fix the source, or set source.bad_input = \"skip\" to "
+                                    "leave such rows out (each is recorded in the store with its reason)")
+            skipped.append(Skipped(number, _fallback_id(config, row, number, keyed), reason))
+            continue
+        text = row[config.text_column]
         label = row.get(config.label_column) if config.label_column else None
-        if config.label_column and (label is None or label == ""):
-            raise ValueError(f"{where}: missing {config.label_column!r} value")
         if config.dedupe:
             if text in seen:
                 duplicates += 1
@@ -123,9 +154,14 @@ def load_source(config: SourceConfig) -> SourceData:
         split = row.get("__split__") or (str(row[config.split_column]) if config.split_column else None)
         records.append((example_id, text, label, split))
     if not records:
+        if skipped:
+            raise ValueError(f"source {config.path} has no usable rows: all {len(skipped)} were skipped as bad "
+                             f"input ({_count_reasons(skipped)})")
         raise ValueError(f"source {config.path} has no rows")
     if conflicts:
         log.warning("%d duplicated texts carried different labels; the first occurrence was kept", conflicts)
+    if skipped:
+        log.warning("%d bad source rows skipped and recorded (%s)", len(skipped), _count_reasons(skipped))
 
     label_names = _label_names([r[2] for r in records]) if config.label_column else []
     label_index = {name: i for i, name in enumerate(label_names)}
@@ -137,13 +173,63 @@ def load_source(config: SourceConfig) -> SourceData:
             split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
         label_id = label_index[str(label)] if config.label_column else -1
         splits.setdefault(split, []).append(Example(example_id, text, label_id))
+    for name in splits:
+        if name.startswith("_"):
+            raise ValueError(f"split name {name!r} starts with '_', which the store reserves for its own records")
     for name, cap in config.max_examples.items():
         if name not in splits:
             raise ValueError(f"source.max_examples names split {name!r}; the source has {sorted(splits)}")
         splits[name] = _hash_subset(splits[name], cap)
-    stats = {"rows": len(records) + duplicates, "duplicates_dropped": duplicates, "label_conflicts": conflicts,
+    stats = {"rows": len(records) + duplicates + len(skipped), "duplicates_dropped": duplicates,
+             "label_conflicts": conflicts, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}}
-    return SourceData(splits=splits, label_names=label_names, fingerprint=fingerprint, stats=stats)
+    return SourceData(splits=splits, label_names=label_names, fingerprint=fingerprint, stats=stats, skipped=skipped)
+
+
+def _row_problem(config: SourceConfig, row: dict[str, Any]) -> tuple[str, str] | None:
+    """Why ``row`` cannot become an example, as (reason category, detail), or None when it can."""
+    if _BAD in row:
+        return row[_BAD], row["__detail__"]
+    text = row.get(config.text_column)
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return "empty text", f"empty {config.text_column!r} value {text!r}"
+    if not isinstance(text, str):
+        return "non-text value", f"{config.text_column!r} holds a {type(text).__name__} ({text!r}), not text"
+    if _UNDECODABLE.search(text):
+        return "undecodable text", (f"{config.text_column!r} has bytes that are not valid {config.encoding} "
+                                    f"({_show_undecodable(text)}); set source.encoding if the file uses another one")
+    if config.label_column:
+        label = row.get(config.label_column)
+        if label is None or label == "":
+            return "missing label", f"missing {config.label_column!r} value"
+        if isinstance(label, str) and _UNDECODABLE.search(label):
+            return "undecodable label", f"{config.label_column!r} has bytes that are not valid {config.encoding}"
+    return None
+
+
+def _fallback_id(config: SourceConfig, row: dict[str, Any], number: int, keyed: bool) -> str:
+    """The id a bad row would have had, so it can be found in the source; ``row-<n>`` when there is none."""
+    if config.id_column and row.get(config.id_column) not in (None, ""):
+        return str(row[config.id_column])
+    if keyed and "__key__" in row:
+        return str(row["__key__"])
+    text = row.get(config.text_column)
+    if isinstance(text, str) and text.strip() and not _UNDECODABLE.search(text):
+        return text_id(text)
+    return f"row-{number}"
+
+
+def _show_undecodable(text: str) -> str:
+    match = _UNDECODABLE.search(text)
+    start = max(0, match.start() - 20)
+    return "near " + repr(text[start : match.start() + 20].encode("utf-8", "surrogateescape"))
+
+
+def _count_reasons(skipped: list[Skipped]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s.reason] = counts.get(s.reason, 0) + 1
+    return counts
 
 
 def _label_names(labels: list[Any]) -> list[str]:
@@ -182,18 +268,23 @@ def _check_columns(config: SourceConfig, row: dict[str, Any]) -> None:
 
 
 def _csv_rows(path: str, encoding: str, delimiter: str) -> Iterator[dict[str, Any]]:
-    with open(path, newline="", encoding=encoding) as f:
+    with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
         yield from csv.DictReader(f, delimiter=delimiter)
 
 
 def _jsonl_rows(path: str, encoding: str) -> Iterator[dict[str, Any]]:
-    with open(path, encoding=encoding) as f:
+    with open(path, encoding=encoding, errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path} line {number} is not JSON: {exc}") from exc
+                    yield {_BAD: "not JSON", "__detail__": f"line {number} is not JSON ({exc})"}
+                    continue
+                if not isinstance(row, dict):
+                    yield {_BAD: "not JSON", "__detail__": f"line {number} is a JSON {type(row).__name__}, not an object"}
+                    continue
+                yield row
 
 
 def _hf_rows(path: str) -> tuple[Iterator[dict[str, Any]], str]:
@@ -251,11 +342,22 @@ def _webdataset_rows(config: SourceConfig, shards: list[str]) -> Iterator[dict[s
                                      f"{shard}); keys are the example ids, so they must be unique. Set "
                                      "source.id_column to a member or json field holding a unique id instead.")
                 first_seen[key] = shard
-            fields = _json_fields(sample, config.encoding, shard)
             row = {"__key__": key}
-            for column in columns:
-                row[column] = _sample_value(sample, fields, column, config.encoding, shard)
+            try:
+                fields = _json_fields(sample, config.encoding, shard)
+                for column in columns:
+                    row[column] = _sample_value(sample, fields, column, config.encoding, shard, config.label_column)
+            except _BadSample as exc:
+                row.update({_BAD: exc.reason, "__detail__": str(exc)})
             yield row
+
+
+class _BadSample(ValueError):
+    """One webdataset sample's member cannot be read (the others still can)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 def _tar_samples(shard: str) -> Iterator[dict[str, Any]]:
@@ -283,28 +385,31 @@ def _json_fields(sample: dict[str, Any], encoding: str, shard: str) -> dict[str,
     try:
         fields = json.loads(sample["json"].decode(encoding))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"webdataset sample {sample['__key__']!r} in {shard}: its json member is not JSON "
-                         f"({exc})") from exc
+        raise _BadSample("not JSON", f"webdataset sample {sample['__key__']!r} in {shard}: its json member is "
+                         f"not JSON ({exc})") from exc
     if not isinstance(fields, dict):
-        raise ValueError(f"webdataset sample {sample['__key__']!r} in {shard}: its json member is a "
+        raise _BadSample("not JSON", f"webdataset sample {sample['__key__']!r} in {shard}: its json member is a "
                          f"{type(fields).__name__}, not an object with fields")
     return fields
 
 
 def _sample_value(sample: dict[str, Any], fields: dict[str, Any] | None, column: str, encoding: str,
-                  shard: str) -> Any:
+                  shard: str, label_column: str | None = None) -> Any:
     """``column`` of one sample: the member with that extension (decoded text), else the json field."""
     member = column.lower()  # webdataset lower-cases extensions
     if member in sample and not member.startswith("__"):
         try:
             return sample[member].decode(encoding)
         except UnicodeDecodeError as exc:
-            raise ValueError(f"webdataset sample {sample['__key__']!r} in {shard}: member {member!r} is not "
-                             f"{encoding} text ({exc})") from exc
+            raise _BadSample("undecodable text", f"webdataset sample {sample['__key__']!r} in {shard}: member "
+                             f"{member!r} is not {encoding} text ({exc})") from exc
     if fields is not None and column in fields:
         return fields[column]
     members = sorted(k for k in sample if not k.startswith("__"))
     has_fields = f" and json fields {sorted(fields)}" if fields is not None else ""
+    if column == label_column:  # one sample without its label: a missing value, not a misnamed column
+        raise _BadSample("missing label", f"webdataset sample {sample['__key__']!r} in {shard} has no {column!r} "
+                         f"member and no json field {column!r}; it has members {members}{has_fields}")
     raise KeyError(f"webdataset sample {sample['__key__']!r} in {shard} has no {column!r} member and no json "
                    f"field {column!r}; it has members {members}{has_fields}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+BAD_INPUT_POLICIES = ("error", "skip")
 SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf", "webdataset")
 AUTOCAST = ("auto", "float16", "bfloat16", "off")
 
@@ -37,10 +38,15 @@ class SourceConfig:
     """Use this column's values as split names instead of hashing (a DatasetDict's own splits win too)."""
     max_examples: dict[str, int] = field(default_factory=dict)
     """Cap per split, e.g. {train = 4000}; the subset is drawn by hash, never the first N rows."""
+    bad_input: str = "error"
+    """A row that cannot become an example (empty or undecodable text, missing label, unparsable line):
+    "error" stops and names it; "skip" leaves it out and records its id and reason in the store."""
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("source.path is required: a data file, a datasets folder, or pkg://package/path")
+        if self.bad_input not in BAD_INPUT_POLICIES:
+            raise ValueError(f"source.bad_input must be one of {BAD_INPUT_POLICIES}, got {self.bad_input!r}")
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"source.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
         if self.split_column is None:
@@ -100,6 +106,9 @@ class ExtractConfig:
     worker per GPU). Overrides `workers`."""
     retries: int = 2
     """Times dask re-runs a part whose worker died or failed (parts are idempotent)."""
+    claim_ttl: float = 120.0
+    """Seconds without a heartbeat after which another run may take over a part this run claimed (a run
+    killed on the same host is taken over at once). Several runs may extract into one store together."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.part_size < 1:
@@ -108,5 +117,7 @@ class ExtractConfig:
             raise ValueError(f"extract.layers must be 'all' or a list of indices, got {self.layers!r}")
         if self.workers < 0 or self.retries < 0:
             raise ValueError(f"workers and retries must be >= 0, got {self.workers}, {self.retries}")
+        if self.claim_ttl <= 0:
+            raise ValueError(f"claim_ttl must be > 0 seconds, got {self.claim_ttl}")
         if self.writer_queue < 1:
             raise ValueError(f"writer_queue must be >= 1, got {self.writer_queue}")

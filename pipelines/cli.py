@@ -4,7 +4,8 @@
     unipt extract RECIPE [KEY=VALUE ...]    stage 1 only: frozen backbone -> feature store
     unipt train RECIPE [KEY=VALUE ...]      stage 2 only: side networks from the store (no backbone)
     unipt eval CHECKPOINT --store URL       score a checkpoint on a split of a store
-    unipt store info|ls|verify|rm-part|export ...   inspect, maintain and export feature stores
+    unipt predict CHECKPOINT --input FILE   backbone + side network on raw texts: labels and probabilities
+    unipt store info|ls|skipped|verify|rm-part|export ...   inspect, maintain and export feature stores
     unipt recipes [NAME]                    list shipped recipes, or print one (to copy and edit)
 
 RECIPE is a shipped recipe's name or a path to a TOML file.
@@ -13,9 +14,11 @@ RECIPE is a shipped recipe's name or a path to a TOML file.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
+import time
 from typing import Sequence
 
 from ._recipe import find_recipe, load_recipe, shipped_recipes
@@ -81,7 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(handler=_cmd_eval)
 
-    st = sub.add_parser("store", help="inspect, maintain and export feature stores (info, ls, verify, rm-part, export)")
+    pr = sub.add_parser("predict", parents=[common], help="predict labels of raw texts: backbone + side network")
+    pr.add_argument("checkpoint", help="a checkpoint folder (model.safetensors + config.json)")
+    pr.add_argument("--input", required=True, metavar="FILE",
+                    help="CSV, TSV, JSONL or Parquet with a text column, or .txt with one example per line")
+    pr.add_argument("--output", metavar="FILE", help=".csv, .tsv or .jsonl: id, label, prob_<label>... "
+                                                     "(default: CSV on stdout)")
+    pr.add_argument("--text-column", default="text", help="input column holding the text (default: text)")
+    pr.add_argument("--id-column", help="input column copied to the output as id (default: id, when present)")
+    pr.add_argument("--backbone", metavar="PATH", help="the backbone's model folder or pkg:// path (default: "
+                                                       "where the checkpoint's store found it); hashes are checked")
+    pr.add_argument("--store", metavar="URL", help="read backbone location, max_length and dtype from this store "
+                                                   "(default: the checkpoint's record, else the store it names)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    pr.set_defaults(handler=_cmd_predict)
+
+    st = sub.add_parser("store", help="inspect, maintain and export feature stores (info, ls, skipped, verify, rm-part, export)")
     st_sub = st.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
     info = st_sub.add_parser("info", parents=[common], help="splits, parts, examples, tokens, bytes, provenance")
     info.add_argument("url", help="feature store path or URL")
@@ -90,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     ls = st_sub.add_parser("ls", parents=[common], help="list the feature stores directly under a folder or prefix")
     ls.add_argument("prefix", help="folder or URL prefix holding stores")
     ls.set_defaults(handler=_cmd_store_ls)
+    sk = st_sub.add_parser("skipped", parents=[common], help="list the bad source rows extraction left out (TSV)")
+    sk.add_argument("url", help="feature store path or URL")
+    sk.set_defaults(handler=_cmd_store_skipped)
     ver = st_sub.add_parser("verify", parents=[common], help="re-hash every object against its commit record")
     ver.add_argument("url", help="feature store path or URL")
     ver.set_defaults(handler=_cmd_store_verify)
@@ -165,6 +187,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from ._inference import SideNetworkPredictor, output_format, read_texts, write_predictions
+
+    output_format(args.output)  # a bad --output suffix fails before any model is loaded
+    ids, texts = read_texts(args.input, args.text_column, args.id_column)
+    predictor = SideNetworkPredictor.from_checkpoint(args.checkpoint, args.backbone, device=args.device,
+                                                     store=args.store)
+    predictions = predictor.predict(texts, batch_size=args.batch_size, progress=not args.quiet)
+    write_predictions(args.output, predictions, ids)
+    if args.output:
+        log.info("wrote %d predictions to %s", len(texts), args.output)
+    return 0
+
+
 def _cmd_store_info(args) -> int:
     from unipt.store import FeatureStore, describe
 
@@ -178,11 +214,30 @@ def _cmd_store_info(args) -> int:
           f"weights sha256 {str(backbone.get('weights_sha256', '?'))[:16]}…")
     print(f"layers     {info['layers']}  widths {sorted(set(info['layer_widths']))}")
     print(f"labels     {info['label_names']}")
-    print(f"{'split':12s} {'parts':>6s} {'examples':>9s} {'tokens':>10s} {'MiB':>9s}")
+    print(f"{'split':12s} {'parts':>6s} {'examples':>9s} {'tokens':>10s} {'truncated':>9s} {'MiB':>9s}")
     for split, row in info["splits"].items():
-        print(f"{split:12s} {row['parts']:6d} {row['examples']:9d} {row['tokens']:10d} {row['bytes'] / 2**20:9.1f}")
+        print(f"{split:12s} {row['parts']:6d} {row['examples']:9d} {row['tokens']:10d} {row['truncated']:9d} "
+              f"{row['bytes'] / 2**20:9.1f}")
     per_value = info["bytes_per_value"]
     print(f"total {info['bytes'] / 2**20:.1f} MiB; {per_value:.3f} bytes per stored value" if per_value else "empty")
+    if info["skipped"]:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(info["skipped"].items()))
+        print(f"skipped    {sum(info['skipped'].values())} bad source rows ({reasons}); "
+              "`unipt store skipped` lists them")
+    for claim in info["in_progress"]:
+        age = time.time() - float(claim["heartbeat"] or 0)
+        print(f"writing    {claim['split']}/{claim['part']} by pid {claim['pid']} on {claim['host']} "
+              f"(run {str(claim['run'])[:8]}, heartbeat {age:.0f}s ago)")
+    return 0
+
+
+def _cmd_store_skipped(args) -> int:
+    from unipt.store import FeatureStore
+
+    out = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n")
+    out.writerow(["source_row", "example_id", "reason"])
+    for record in FeatureStore.open(args.url).skipped():
+        out.writerow([record["source_row"], record["example_id"], record["reason"]])
     return 0
 
 

@@ -12,7 +12,12 @@ A store is a Zarr v3 group::
           length                 (n_examples,) int32: tokens per example
                                  attrs: unipt_part = {...}; unipt_commit = {...} written LAST
 
-A part is visible to readers only once its ``unipt_commit`` attribute exists (the commit marker).
+      _skipped/                  source rows left out as bad input (extraction with bad_input = "skip"):
+        example_id, source_row, reason   one entry per row; attrs: unipt_commit = {n, reasons} written LAST
+      _claims/<split>/<part>.json  transient (not Zarr): which run is writing which part right now
+
+A part is visible to readers only once its ``unipt_commit`` attribute exists (the commit marker). Names
+starting with "_" are the store's own records, never splits.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ OFFSETS = "offsets"
 EXAMPLE_ID = "example_id"
 LABEL = "label"
 LENGTH = "length"
+
+# Store-level records beside the splits.
+SKIPPED = "_skipped"
+SOURCE_ROW = "source_row"
+REASON = "reason"
 
 # Storage dtypes live in _dtypes.py (float16 default: half of float32's bytes at ~5e-4 relative error).
 DEFAULT_DTYPE = "float16"

@@ -112,7 +112,10 @@ def describe(store: FeatureStore) -> dict[str, Any]:
                     value_bytes += size
         values += tokens * sum(widths.values())
         splits[split] = {"parts": len(parts), "examples": sum(p.n_examples for p in parts), "tokens": tokens,
-                         "bytes": nbytes}
+                         "truncated": sum(p.truncated for p in parts), "bytes": nbytes}
+    skipped: dict[str, int] = {}
+    for record in store.skipped():
+        skipped[record["reason"]] = skipped.get(record["reason"], 0) + 1
     return {
         "url": store.url,
         "format_version": store.meta["format_version"],
@@ -124,5 +127,9 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "splits": splits,
         "bytes": sum(s["bytes"] for s in splits.values()),
         "bytes_per_value": value_bytes / values if values else None,
+        "skipped": skipped,  # bad source rows left out, by reason (`FeatureStore.skipped()` lists them)
+        "in_progress": [{"split": split, "part": part, "run": doc.get("owner", {}).get("run"),
+                         "host": doc.get("owner", {}).get("host"), "pid": doc.get("owner", {}).get("pid"),
+                         "heartbeat": doc.get("heartbeat")} for split, part, doc in store.active_claims()],
         "provenance": store.provenance,
     }

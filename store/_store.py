@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from zarr.codecs import BloscCodec
 
 from . import _format as fmt
 from ._dtypes import SCALE_SUFFIX, STORAGE_DTYPES, STORED_NUMPY, as_tensor, dequantize, encode
+from ._claims import Claims, Owner, list_claims
 from ._provenance import check_provenance
 from ._recording import RecordingStore
 
@@ -37,6 +38,7 @@ class PartInfo:
     n_tokens: int
     source_start: int  # index of its first example in the split's source order
     source_stop: int
+    truncated: int = 0  # examples cut to the backbone's max_length (their ids are in the commit record)
 
     @property
     def index(self) -> int:
@@ -145,9 +147,11 @@ class FeatureStore:
                 # first byte, never a bare group that a crash could leave behind.
                 root = zarr.open_group(store=url, mode=mode, zarr_format=3, storage_options=storage_options,
                                        attributes={fmt.ROOT_ATTR: meta})
+                return cls(root, url)
             except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
-                raise StoreError(f"{url} exists and is not a unipt store; choose a new or empty location") from exc
-            return cls(root, url)
+                root = _concurrently_created(url, storage_options)
+                if root is None:
+                    raise StoreError(f"{url} exists and is not a unipt store; choose a new or empty location") from exc
         existing = cls(root, url)
         check_provenance(
             existing.meta,
@@ -186,7 +190,8 @@ class FeatureStore:
     def splits(self) -> list[str]:
         # Listed directly rather than through zarr's member scan, which warns about (and a strict reader
         # fails on) the `*.partial` temporary file a killed write can leave beside the split folders.
-        return [name for name in _child_names(self._root, None) if self._split_group(name, create=False) is not None]
+        return [name for name in _child_names(self._root, None)
+                if not name.startswith("_") and self._split_group(name, create=False) is not None]
 
     def parts(self, split: str) -> list[PartInfo]:
         """Committed parts of ``split`` in index order. Uncommitted (half-written) parts are invisible."""
@@ -208,6 +213,56 @@ class FeatureStore:
 
     def num_tokens(self, split: str) -> int:
         return sum(p.n_tokens for p in self.parts(split))
+
+    def truncated(self, split: str) -> list[str]:
+        """Ids of the examples of ``split`` that extraction cut to the backbone's max_length."""
+        group = self._split_group(split, create=False)
+        return [example_id for info in self.parts(split)
+                for example_id in group[info.name].attrs[fmt.COMMIT_ATTR].get("truncated", [])]
+
+    # ----------------------------------------------------------------- bad input and claims
+    def skipped(self) -> list[dict[str, Any]]:
+        """Source rows extraction left out as bad input: ``{"example_id", "source_row", "reason"}`` each."""
+        try:
+            group = self._root[fmt.SKIPPED]
+            if fmt.COMMIT_ATTR not in group.attrs:
+                return []
+        except (KeyError, FileNotFoundError):
+            return []
+        where = f"{self.url} {fmt.SKIPPED}"
+        ids, rows, reasons = (_read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.SOURCE_ROW, fmt.REASON))
+        return [{"example_id": str(i), "source_row": int(r), "reason": str(why)} for i, r, why in zip(ids, rows, reasons)]
+
+    def record_skipped(self, records: Sequence[tuple[str, int, str]]) -> None:
+        """Record the source rows left out as bad input, as ``(example_id, source_row, reason)``.
+
+        Written once per store, columns first and the commit attribute last (a crash in between leaves no
+        record, and the next run writes it again). The list follows from the source and the policy, which
+        the provenance pins, so every run of one store would write the same one.
+        """
+        if not records or self.skipped():
+            return
+        group = zarr.open_group(store=self._root.store, path=_join(self._root.path, fmt.SKIPPED), mode="w",
+                                zarr_format=3)
+        ids, rows, reasons = zip(*records)
+        for key, values, dtype in ((fmt.EXAMPLE_ID, ids, str), (fmt.SOURCE_ROW, rows, "int64"), (fmt.REASON, reasons, str)):
+            values = np.asarray(values, dtype=object if dtype is str else dtype)
+            arr = group.create_array(key, shape=values.shape, dtype=dtype, chunks=values.shape, config=_ALWAYS_WRITE)
+            arr[:] = values
+        counts: dict[str, int] = {}
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+        group.attrs[fmt.COMMIT_ATTR] = {"n": len(records), "reasons": counts}
+
+    def claims(self, run: str, ttl: float) -> Claims:
+        """This process's claims on parts of this store, for extraction run ``run`` (see :mod:`._claims`)."""
+        if self.read_only:
+            raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to claim parts")
+        return Claims(self._root.store, self._root.path, Owner.current(run), ttl)
+
+    def active_claims(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """Parts some run has claimed and not yet committed: (split, part, claim document)."""
+        return list_claims(self._root.store, self._root.path)
 
     # ----------------------------------------------------------------- writing
     def part_writer(
@@ -280,7 +335,10 @@ class FeatureStore:
             pass
         if not create:
             return None
-        return self._root.create_group(split)
+        try:
+            return self._root.create_group(split)
+        except (zarr.errors.ContainsGroupError, FileExistsError):
+            return self._root[split]  # another run extracting into this store created it first
 
     @staticmethod
     def _committed_info(split_group: zarr.Group, split: str, name: str) -> PartInfo | None:
@@ -291,7 +349,8 @@ class FeatureStore:
         commit = attrs.get(fmt.COMMIT_ATTR)
         if commit is None:
             return None
-        return PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"], commit["source_stop"])
+        return PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"],
+                        commit["source_stop"], len(commit.get("truncated", ())))
 
 
 # Zarr skips chunks equal to the fill value by default; a part stores every chunk, so that a missing
@@ -345,8 +404,14 @@ class PartWriter:
                 self._pending_rows[key + suffix] += values.shape[0]
                 self._flush(key + suffix, final=False)
 
-    def finish(self, example_id: Sequence[str], label: Sequence[int], length: Sequence[int]) -> PartInfo:
-        """Write the per-example columns and then the commit marker. Returns the committed part's info."""
+    def finish(self, example_id: Sequence[str], label: Sequence[int], length: Sequence[int], *,
+               truncated: Sequence[str] = (), before_commit: Callable[[], None] | None = None) -> PartInfo:
+        """Write the per-example columns and then the commit marker. Returns the committed part's info.
+
+        ``truncated``: ids of examples cut to the backbone's max_length (recorded in the commit).
+        ``before_commit``: called just before the marker is written; raising there leaves the part
+        uncommitted (extraction checks that it still holds the part's claim).
+        """
         length = np.asarray(length, dtype=np.int32)
         n = self.info.n_examples
         if not (len(example_id) == len(label) == len(length) == n):
@@ -366,6 +431,8 @@ class PartWriter:
         self._write_column(fmt.EXAMPLE_ID, np.asarray([str(i) for i in example_id], dtype=object), dtype=str)
         # The commit marker goes last: until this line, readers do not see the part. It lists the sha256 of
         # every object written for the part (the part's own metadata document, rewritten here, excepted).
+        if before_commit is not None:
+            before_commit()
         prefix = self.group.store_path.path + "/"
         objects = {} if self.recorder is None else {
             key[len(prefix):]: digest for key, digest in sorted(self.recorder.digests.items())
@@ -376,9 +443,10 @@ class PartWriter:
             "source_start": self.info.source_start,
             "source_stop": self.info.source_stop,
             "committed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "truncated": [str(i) for i in truncated],
             "sha256": objects,
         }
-        return self.info
+        return replace(self.info, truncated=len(truncated))
 
     def _write_column(self, key: str, values: np.ndarray, dtype: Any = None) -> None:
         arr = self.group.create_array(
@@ -477,6 +545,16 @@ def _interrupted_creation(url: str, storage_options: dict | None) -> bool:
     except ValueError:
         return True  # a metadata document cut short: the creation never finished
     return isinstance(document, dict) and not document.get("attributes")
+
+
+def _concurrently_created(url: str, storage_options: dict | None) -> zarr.Group | None:
+    """The root group, when another run created this store between our look and our write (two runs started
+    together); None when what is there is not a unipt store."""
+    try:
+        root = zarr.open_group(store=url, mode="r+", zarr_format=3, storage_options=storage_options)
+    except Exception:
+        return None
+    return root if fmt.ROOT_ATTR in root.attrs else None
 
 
 def _stored_chunks(array: zarr.Array) -> int:

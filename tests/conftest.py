@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from unipt.store import FeatureStore
+
 WORDS = ("good bad great awful fine movie film plot actor scene love hate boring fun slow fast music "
          "story ending happy sad dark light long short best worst really very quite not").split()
 LABELS = ("negative", "neutral", "positive")
@@ -78,3 +80,33 @@ def encoder(backbone):
     from unipt.extract import TextEncoder
 
     return TextEncoder(backbone)
+
+
+def randomise_params(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Move every parameter off its default init (unit gates and weights, LayerNorm 1 / 0 hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def write_tiny_store(url: str, widths=(16, 16, 16), sizes=(("train", 60), ("validation", 15), ("test", 15)),
+                     seed: int = 0) -> FeatureStore:
+    """A 3-class store written in code: every token carries its class's direction plus noise (learnable)."""
+    layers = list(range(len(widths)))
+    store = FeatureStore.create(url, layers=layers, layer_widths=list(widths), dtype="float32",
+                                label_names=["a", "b", "c"],
+                                provenance={"backbone": {"weights_sha256": "tiny", "tokenizer_sha256": "tiny"}})
+    g = torch.Generator().manual_seed(seed)
+    directions = [torch.randn(3, w, generator=g) for w in widths]
+    start = 0
+    for split, n in sizes:
+        labels = [k % 3 for k in range(n)]
+        lengths = [1 + (5 * k) % 9 for k in range(n)]
+        writer = store.part_writer(split, 0, n_examples=n, n_tokens=sum(lengths), source_start=start)
+        for label, length in zip(labels, lengths):
+            writer.append({l: torch.randn(length, w, generator=g) + 1.5 * directions[l][label]
+                           for l, w in zip(layers, widths)})
+        writer.finish([f"{split}-{k:03d}" for k in range(n)], labels, lengths)
+        start += n
+    return FeatureStore.open(url)

@@ -8,6 +8,8 @@ from ._pooling import ClassificationHead, masked_mean
 from ._trainer import MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint, fit
 from .config import LoaderConfig, TrainConfig
 from .linear_probe import LinearProbe, LinearProbeConfig
+from .lst import LST, LSTClassifier, LSTConfig
+from .scalar_mix import ScalarMix, ScalarMixConfig
 from .unipt import UniPT, UniPTClassifier, UniPTConfig
 
 __all__ = [
@@ -37,4 +39,9 @@ __all__ = [
     "UniPTConfig",
     "LinearProbe",
     "LinearProbeConfig",
+    "ScalarMix",
+    "ScalarMixConfig",
+    "LST",
+    "LSTClassifier",
+    "LSTConfig",
 ]

@@ -29,13 +29,24 @@ def store_identity(store: FeatureStore) -> dict[str, Any]:
     Storage dtype is left out on purpose: a float32 and a float16 store of the same backbone feed the
     same network.
     """
-    backbone = store.provenance.get("backbone", {})
+    backbone = store.provenance.get("backbone")
+    backbone = backbone if isinstance(backbone, dict) else {}
     return {
         "format_version": store.meta["format_version"],
         "weights_sha256": backbone.get("weights_sha256"),
         "tokenizer_sha256": backbone.get("tokenizer_sha256"),
         "label_names": store.label_names,
     }
+
+
+def inference_record(store: FeatureStore) -> dict[str, Any]:
+    """What rebuilding the side network's inputs from raw text needs: where the backbone was found, its
+    truncation length, and the dtype the activations were rounded through. Kept out of
+    :func:`store_identity`, which leaves the dtype out on purpose."""
+    backbone = store.provenance.get("backbone")
+    backbone = backbone if isinstance(backbone, dict) else {}
+    return {"backbone": backbone.get("location"), "max_length": backbone.get("max_length"),
+            "storage_dtype": store.dtype}
 
 
 def save_checkpoint(
@@ -62,6 +73,7 @@ def save_checkpoint(
         "layer_widths": layer_widths,
         "num_labels": len(store.label_names),
         "store": store_identity(store),
+        "inference": inference_record(store),
         **(extra or {}),
     }
     (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -8,6 +8,8 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from .linear_probe import LinearProbe, LinearProbeConfig
+from .lst import LSTClassifier, LSTConfig
+from .scalar_mix import ScalarMix, ScalarMixConfig
 from .unipt import UniPTClassifier, UniPTConfig
 
 
@@ -28,6 +30,8 @@ class Method:
 METHODS: dict[str, Method] = {
     "unipt": Method("unipt", UniPTConfig, UniPTClassifier),
     "linear_probe": Method("linear_probe", LinearProbeConfig, LinearProbe),
+    "scalar_mix": Method("scalar_mix", ScalarMixConfig, ScalarMix),
+    "lst": Method("lst", LSTConfig, LSTClassifier),
 }
 
 

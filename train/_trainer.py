@@ -37,6 +37,11 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _absolute(url: str) -> str:
+    """A local path made absolute (a checkpoint is often used from another folder); URLs unchanged."""
+    return url if "://" in url else str(Path(url).resolve())
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +107,7 @@ def fit(
     widths = [store.layer_widths[l] for l in layers]
     ckpt_dir = out_dir / name
     ckpt_extra = {"run": name, "train": config_dict(config), "label_names": store.label_names,
-                  "store_url": store.url}
+                  "store_url": _absolute(store.url)}
 
     best_score, best_epoch, best_metrics, history = -math.inf, -1, {}, []
     step, train_seconds, seen = 0, 0.0, 0
@@ -173,6 +178,8 @@ def evaluate(model: nn.Module, loader: ActivationLoader, device: torch.device, n
     model.eval()
     preds, targets, loss_sum = [], [], 0.0
     for batch in loader:
+        if (batch.labels < 0).any():
+            raise ValueError(f"split {loader.split!r} has unlabelled examples (label -1); it cannot be scored")
         batch = batch.to(device)
         with _autocast(device):
             logits = model(batch.hidden_states, batch.mask).float()
@@ -180,8 +187,6 @@ def evaluate(model: nn.Module, loader: ActivationLoader, device: torch.device, n
         preds.append(logits.argmax(-1).cpu())
         targets.append(batch.labels.cpu())
     pred, target = torch.cat(preds), torch.cat(targets)
-    if (target < 0).any():
-        raise ValueError(f"split {loader.split!r} has unlabelled examples (label -1); it cannot be scored")
     metrics = classification_metrics(pred, target, num_labels)
     metrics["loss"] = loss_sum / max(len(target), 1)
     return metrics

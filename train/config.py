@@ -13,7 +13,7 @@ LOADER_MODES = ("auto", "memory", "stream")
 @dataclass
 class TrainConfig:
     method: str = "unipt"
-    """Which side network / baseline to train (a folder under train/: unipt, linear_probe)."""
+    """Which side network / baseline to train (a folder under train/: unipt, linear_probe, scalar_mix, lst)."""
     model: dict[str, Any] = field(default_factory=dict)
     """The method's own config (e.g. UniPTConfig fields: reduction, layers, ...)."""
     lr: float = 5e-4

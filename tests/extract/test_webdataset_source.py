@@ -158,8 +158,10 @@ def test_missing_member_names_the_sample_key(tmp_path, samples):
     with wds.TarWriter(str(folder / "shard-000000.tar")) as writer:
         writer.write({"__key__": "good0001", "txt": "good movie", "cls": 1})
         writer.write({"__key__": "nolabel7", "txt": "bad movie"})
-    with pytest.raises(KeyError, match=r"nolabel7.*no 'cls' member.*members \['txt'\]"):
+    with pytest.raises(ValueError, match=r"nolabel7.*no 'cls' member.*members \['txt'\]"):
         load_source(SourceConfig(path=str(folder), text_column="txt", label_column="cls"))
+    with pytest.raises(KeyError, match=r"good0001.*no 'text' member.*members \['cls', 'txt'\]"):
+        load_source(SourceConfig(path=str(folder), text_column="text", label_column="cls"))
 
 
 def test_missing_shard_duplicate_key_and_empty_folder(tmp_path, txt_shards):

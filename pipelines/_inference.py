@@ -1,0 +1,269 @@
+"""Inference: frozen backbone + trained side network (+ its head) as one module that predicts from raw text.
+
+Its logits equal the cached path's (the side network fed from the store) on the same examples, because
+every step between text and side network is the one training saw:
+
+* the same backbone, checked by the sha256 of its weight and tokenizer files against the checkpoint's store;
+* the extraction code's own tokenisation (same ``max_length``, truncation) and forward pass (eval mode,
+  ``output_hidden_states``, the same autocast rule on GPU);
+* the same hidden states (the checkpoint's layers, 0 = embeddings), padding zeroed as the loader pads;
+* the same rounding: activations go through the dtype of the store the side network was trained from
+  (float16, bfloat16, int8; float32 is exact), then back to float32, as the loader dequantises them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from unipt.extract import (
+    BackboneConfig,
+    SourceConfig,
+    SourceData,
+    TextEncoder,
+    backbone_hashes,
+    load_source,
+    resolve_model_dir,
+)
+from unipt.store import STORAGE_DTYPES, FeatureStore, StoreError, ValueRangeError, check_provenance
+from unipt.train import check_store_matches, load_checkpoint
+
+_HASH_FIELDS = ("weights_sha256", "tokenizer_sha256")
+_INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".txt")
+_OUTPUT_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclass
+class Predictions:
+    labels: list[str]  # predicted class name per text
+    probabilities: torch.Tensor  # (B, C) softmax over label_names
+    logits: torch.Tensor  # (B, C)
+    label_names: list[str]
+
+
+class SideNetworkPredictor(nn.Module):
+    """Raw texts -> frozen backbone -> selected hidden states -> side network + head -> class logits."""
+
+    def __init__(self, encoder: TextEncoder, side_network: nn.Module, *, layers: Sequence[int],
+                 storage_dtype: str, label_names: Sequence[str]):
+        super().__init__()
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype {storage_dtype!r} is not one of {STORAGE_DTYPES}")
+        out_of_range = [l for l in layers if not 0 <= l < encoder.num_hidden_states]
+        if out_of_range:
+            raise ValueError(f"side network reads hidden states {out_of_range}; the backbone has 0 .. "
+                             f"{encoder.num_hidden_states - 1}")
+        self.encoder = encoder  # tokenizer + padding + forward: the extraction code path itself
+        self.backbone = encoder.model  # registered, so .to() / .parameters() see it; frozen, eval
+        self.side_network = side_network.eval().requires_grad_(False)
+        self.layers = list(layers)
+        self.storage_dtype = storage_dtype
+        self.label_names = list(label_names)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, backbone: str | None = None, *, device: str = "auto",
+                        store: str | FeatureStore | None = None, autocast: str = "auto") -> "SideNetworkPredictor":
+        """Assemble a checkpoint with its backbone.
+
+        ``backbone``: the model folder (or pkg:// path); default: where the store's backbone was found at
+        extraction. ``store``: read the backbone location, ``max_length`` and storage dtype from this store
+        rather than from the checkpoint (or the store it recorded). ``autocast``: the backbone's precision
+        on GPU, as in extraction (auto = float16); CPU runs float32.
+        """
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use auto or cpu")
+        side_network, config = load_checkpoint(checkpoint, map_location="cpu")
+        record = _inference_record(checkpoint, config, store)
+        spec = backbone or record.get("backbone")
+        if not spec:
+            raise ValueError(f"checkpoint {checkpoint} does not record where its backbone is; pass it (--backbone)")
+        try:
+            folder = resolve_model_dir(spec)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc}. The backbone of checkpoint {checkpoint} was {spec!r}; pass its folder "
+                                    "(--backbone) if it now lives elsewhere") from None
+        expected = {k: config["store"].get(k) for k in _HASH_FIELDS}
+        check_provenance(expected, backbone_hashes(folder),
+                         what=f"backbone {spec} is not the one checkpoint {checkpoint} was trained on",
+                         hint="Pass the model folder the checkpoint's store was extracted with (--backbone).")
+        encoder = TextEncoder(BackboneConfig(model=str(folder), max_length=int(record["max_length"]),
+                                             device=device, autocast=autocast))
+        for layer, width in zip(config["layers"], config["layer_widths"]):
+            if layer < encoder.num_hidden_states and encoder.widths[layer] != width:
+                raise ValueError(f"checkpoint needs hidden state {layer} of width {width}; backbone {spec} gives "
+                                 f"width {encoder.widths[layer]}")
+        return cls(encoder, side_network.to(encoder.device), layers=config["layers"],
+                   storage_dtype=record["storage_dtype"], label_names=config["store"]["label_names"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def train(self, mode: bool = True) -> "SideNetworkPredictor":
+        # Inference only: the backbone's dropout stays off (the store was extracted in eval mode).
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        """Class logits (B, C) of a batch of texts."""
+        return self.logits(self.encoder.tokenize(texts))
+
+    @torch.no_grad()
+    def logits(self, features: list[dict[str, list[int]]]) -> torch.Tensor:
+        """Class logits (B, C) of a batch of tokenised texts (``encoder.tokenize`` output)."""
+        self.encoder.device = self.device  # the encoder pads onto its device: follow any .to() of this module
+        hidden, mask = self.encoder.hidden_states(features)  # every hidden state (B, N, D), mask (B, N)
+        inputs = [self._as_stored(hidden[l].masked_fill(~mask[..., None], 0.0), l) for l in self.layers]
+        with _side_autocast(self.device):
+            return self.side_network(inputs, mask).float()  # (B, C)
+
+    def predict(self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> Predictions:
+        """Labels and class probabilities of any number of texts (batched longest first, returned in order)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        features = self.encoder.tokenize(texts) if len(texts) else []
+        order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # less padding
+        logits = torch.empty(len(features), len(self.label_names))
+        with tqdm(total=len(features), desc="predict", unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                logits[rows] = self.logits([features[i] for i in rows]).cpu()
+                bar.update(len(rows))
+        probabilities = torch.softmax(logits, dim=-1)
+        labels = [self.label_names[i] for i in probabilities.argmax(dim=-1).tolist()]
+        return Predictions(labels, probabilities, logits, self.label_names)
+
+    def _as_stored(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Hidden states (B, N, D) -> float32 after the round trip through the store's dtype."""
+        out = round_through_storage(h, self.storage_dtype)
+        if not torch.isfinite(out).all():
+            raise ValueRangeError(f"hidden state {layer} has values a {self.storage_dtype} store cannot hold "
+                                  "(inf/NaN after rounding); extraction would have refused this input too")
+        return out
+
+
+def round_through_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Float activations -> float32, rounded as writing them to a ``dtype`` store and reading them back does
+    (store/_dtypes.py ``encode`` then ``dequantize``), for tensors of any shape and on any device."""
+    x = x.float()
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        return x.half().float()
+    if dtype == "bfloat16":
+        return x.bfloat16().float()
+    if dtype == "int8":  # per-token absmax: x ≈ q * scale, scale = max|x_row| / 127
+        scale = x.abs().amax(dim=-1) / 127.0  # (..., )
+        q = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+        return q.to(torch.int8).float() * scale[..., None]
+    raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {STORAGE_DTYPES}")
+
+
+def _inference_record(checkpoint: str | Path, config: Mapping[str, Any],
+                      store: str | FeatureStore | None) -> dict[str, Any]:
+    """Where the backbone was, its max_length, and the storage dtype the side network was trained through:
+    from the checkpoint's ``inference`` entry, else from its store (``store``, or the one it recorded)."""
+    if store is None and config.get("inference"):
+        return dict(config["inference"])
+    url = store if store is not None else config.get("store_url")
+    if url is None:
+        raise ValueError(f"checkpoint {checkpoint} records neither its inference inputs nor its store; pass the "
+                         "store it was trained from (--store) to read the backbone, max_length and dtype")
+    try:
+        opened = url if isinstance(url, FeatureStore) else FeatureStore.open(url)
+    except StoreError as exc:
+        raise StoreError(f"{exc}. Checkpoint {checkpoint} takes its backbone, max_length and storage dtype from "
+                         "the store it was trained from; pass that store's current location (--store)") from None
+    check_store_matches(config, opened)
+    recorded = opened.provenance.get("backbone", {})
+    if not recorded.get("max_length"):
+        raise ValueError(f"store {opened.url} does not record the backbone's max_length; cannot reproduce its "
+                         "truncation")
+    return {"backbone": recorded.get("location"), "max_length": recorded["max_length"],
+            "storage_dtype": opened.dtype}
+
+
+def _side_autocast(device: torch.device):
+    # As unipt.train.evaluate scores the side network: bfloat16 autocast on GPU, float32 on CPU.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# --------------------------------------------------------------------------- files in, files out
+def read_texts(path: str, text_column: str = "text", id_column: str | None = None) -> tuple[list[str] | None, list[str]]:
+    """(ids, texts) of an input file, in file order: CSV/TSV/JSONL/Parquet rows read as extraction reads a
+    source (no dedupe, no split), or plain text with one example per line (blank lines skipped; the id is
+    the line number).
+
+    ``id_column`` None: the ``id`` column when there is one, else no ids.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if file.is_file() and file.suffix.lower() not in _INPUT_SUFFIXES:
+        raise ValueError(f"cannot tell the format of {path} from its suffix; use one of {list(_INPUT_SUFFIXES)}")
+    if file.suffix.lower() == ".txt":
+        with open(file, encoding="utf-8") as f:
+            lines = [(str(number), line.rstrip("\r\n")) for number, line in enumerate(f, start=1) if line.strip()]
+        if not lines:
+            raise ValueError(f"input file {path} has no text")
+        return [i for i, _ in lines], [t for _, t in lines]
+
+    def load(ids_from: str | None) -> SourceData:
+        return load_source(SourceConfig(path=str(path), text_column=text_column, label_column=None,
+                                        id_column=ids_from, dedupe=False, splits={"input": 1.0}))
+
+    try:
+        try:
+            data, ids_present = load(id_column or "id"), True
+        except KeyError:
+            if id_column is not None:
+                raise
+            data, ids_present = load(None), False  # no "id" column: no ids (a wrong text column raises again)
+    except KeyError as exc:
+        raise KeyError(f"{exc.args[0]}; choose the input's columns with --text-column / --id-column") from None
+    examples = [ex for split in data.splits.values() for ex in split]
+    return ([ex.id for ex in examples] if ids_present else None), [ex.text for ex in examples]
+
+
+def output_format(path: str | None) -> str:
+    """The CSV delimiter, or "jsonl", that ``path``'s suffix asks for (None = stdout: CSV)."""
+    kind = "," if path is None else _OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if kind is None:
+        raise ValueError(f"cannot tell the output format of {path} from its suffix; use one of "
+                         f"{list(_OUTPUT_FORMATS)}")
+    return kind
+
+
+def write_predictions(path: str | None, predictions: Predictions, ids: Sequence[str] | None = None) -> None:
+    """One row per text: id (when known), predicted label, one ``prob_<label>`` column per class.
+
+    CSV / TSV / JSONL by the suffix of ``path``; None = CSV on stdout.
+    """
+    kind = output_format(path)
+    names = [f"prob_{name}" for name in predictions.label_names]
+    header = (["id"] if ids is not None else []) + ["label"] + names
+    probabilities = predictions.probabilities.tolist()
+    out = sys.stdout if path is None else open(path, "w", newline="", encoding="utf-8")
+    try:
+        writer = csv.writer(out, delimiter=kind, lineterminator="\n") if kind != "jsonl" else None
+        if writer is not None:
+            writer.writerow(header)
+        for i, (label, probs) in enumerate(zip(predictions.labels, probabilities)):
+            head = ([ids[i]] if ids is not None else []) + [label]
+            if writer is not None:
+                writer.writerow(head + [f"{p:.6g}" for p in probs])
+            else:
+                out.write(json.dumps(dict(zip(header, head + probs))) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()

@@ -1,0 +1,77 @@
+"""Two extraction runs started on one store at the same moment share the work and never write a part twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import make_text_csv, make_tiny_bert
+from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, run_extraction
+from unipt.store import FeatureStore, verify
+
+PART_SIZE = 8
+BATCH_SIZE = 4
+
+# One extraction run in its own process. It imports everything, then waits for the "go" file, so both runs
+# reach the store within a few milliseconds of each other; it prints its summary as JSON.
+RUN = r"""
+import json, os, sys, time
+from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, run_extraction
+from unipt.extract._runner import summary_dict
+model, csv, store, go = sys.argv[1:5]
+while not os.path.exists(go):
+    time.sleep(0.002)
+summary = run_extraction(SourceConfig(path=csv), BackboneConfig(model=model, device="cpu"),
+                         ExtractConfig(part_size=%d, batch_size=%d, writer_queue=1), store, progress=False)
+print(json.dumps(summary_dict(summary)))
+""" % (PART_SIZE, BATCH_SIZE)
+
+
+def test_two_runs_at_once_share_the_parts_and_give_the_reference_store(tmp_path):
+    model = make_tiny_bert(tmp_path / "tiny-bert")
+    csv = make_text_csv(tmp_path / "texts.csv", n=240)
+    reference = str(tmp_path / "reference.zarr")
+    run_extraction(SourceConfig(path=str(csv)), BackboneConfig(model=str(model), device="cpu"),
+                   ExtractConfig(part_size=PART_SIZE, batch_size=BATCH_SIZE), reference, progress=False)
+
+    shared, go = str(tmp_path / "shared.zarr"), tmp_path / "go"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", RUN, str(model), str(csv), shared, str(go)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(4.0)  # both have imported torch and transformers and are polling for the go file
+    go.touch()
+    summaries = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, f"a concurrent run failed:\n{err}"
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+
+    want = FeatureStore.open(reference)
+    got = FeatureStore.open(shared)
+    n_parts = sum(len(want.parts(s)) for s in want.splits())
+    written = [s["parts_written"] for s in summaries]
+    # Each part was written by exactly one run: the two runs' written parts add up to the store's parts.
+    assert sum(written) == n_parts, f"parts written {written}, store has {n_parts}: a part was written twice"
+    assert all(w > 0 for w in written), f"one run did all the work ({written}): the runs did not overlap"
+    for summary, other in zip(summaries, reversed(written)):
+        # What a run did not write itself, it found committed by the other (while waiting, or on claiming).
+        assert summary["parts_written"] + summary["parts_by_others"] + summary["parts_skipped"] == n_parts
+    assert got.active_claims() == [], "claims must be released once their parts commit"
+
+    assert got.splits() == want.splits()
+    for split in want.splits():
+        assert [p.name for p in got.parts(split)] == [p.name for p in want.parts(split)]
+        for info in want.parts(split):
+            a, b = want.read_part(info), got.read_part(info)
+            assert np.array_equal(a.example_id, b.example_id) and np.array_equal(a.length, b.length)
+            assert all(torch.equal(a.layers[layer], b.layers[layer]) for layer in want.layers)
+    report = verify(got)
+    assert report.ok, report.problems
+    assert not any(Path(shared).rglob("*.partial"))
