@@ -185,10 +185,14 @@ def run_extraction(
     progress: bool = True,
     storage_options: dict | None = None,
     encoder: TextEncoder | None = None,
+    data: SourceData | None = None,
 ) -> ExtractSummary:
-    """Extract every requested split of ``source`` into the store at ``store_url`` (resuming if it exists)."""
+    """Extract every requested split of ``source`` into the store at ``store_url`` (resuming if it exists).
+
+    ``encoder`` / ``data``: an already loaded backbone / ``load_source(source)``, to reuse across calls.
+    """
     started = time.perf_counter()
-    data = load_source(source)
+    data = data or load_source(source)
     splits = list(config.splits or data.splits)
     unknown = sorted(set(splits) - set(data.splits))
     if unknown:

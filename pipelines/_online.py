@@ -19,6 +19,8 @@ length-bucketed batching policy (``LoaderConfig.bucket_batches``).
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from unipt.extract import BackboneConfig, SourceConfig, SourceData, TextEncoder, load_source
@@ -324,10 +327,10 @@ def train_online(
 
     AdamW on the trainable parameters, linear warm-up then ``config.schedule`` decay, gradient clipping,
     evaluation after every epoch; the best epoch on ``config.eval_split`` (by ``config.select_metric``;
-    the last epoch without one) is kept. The test split is scored after every epoch and the best epoch's
-    score reported: the number a saved best checkpoint would give, without keeping a copy of a whole
-    backbone in memory (which would inflate the peak this loop measures). Peak memory covers every epoch,
-    evaluation included (it runs without gradients at the training batch size, so it stays below training).
+    the last epoch without one) is kept. Its trainable weights go to a temporary safetensors file (a copy
+    of a whole backbone kept in memory would inflate the peak this loop measures), and the test split is
+    scored once, with them, at the end. Peak memory covers every epoch, evaluation included (it runs
+    without gradients at the training batch size, so it stays below training).
     """
     log = log or MetricsLog(None)
     loader_config = loader_config or LoaderConfig()
@@ -349,7 +352,8 @@ def train_online(
         total_steps = min(total_steps, config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total_steps))
 
-    best_score, best_epoch, best_metrics, best_test = -math.inf, -1, {}, None
+    best_score, best_epoch, best_metrics = -math.inf, -1, {}
+    best_state = _BestWeights()
     history, epoch_seconds = [], []
     step, seen = 0, 0
     with PeakMemory(device) as peak:
@@ -393,16 +397,19 @@ def train_online(
                 metrics = evaluate_online(model, eval_split, config.batch_size, num_labels)
                 record.update({f"{eval_split.name}_{k}": v for k, v in metrics.items()})
                 score = metrics[config.select_metric]
-            test = None
-            if test_split is not None:
-                test = evaluate_online(model, test_split, config.batch_size, num_labels)
-                record.update({f"{test_split.name}_{k}": v for k, v in test.items()})
             history.append(record)
             log.write(**record)
             if score > best_score:
-                best_score, best_epoch, best_metrics, best_test = score, epoch + 1, metrics, test
+                best_score, best_epoch, best_metrics = score, epoch + 1, metrics
+                best_state.save(model)
             if config.max_steps and step >= config.max_steps:
                 break
+        best_test = None
+        if test_split is not None:  # the best epoch's weights, scored once
+            best_state.load(model)
+            best_test = evaluate_online(model, test_split, config.batch_size, num_labels)
+            log.write(run=name, epoch=best_epoch, **{f"{test_split.name}_{k}": v for k, v in best_test.items()})
+    best_state.close()
 
     train_seconds = sum(epoch_seconds)
     return OnlineRunResult(name=name, method=config.method, trainable_params=count_trainable(model),
@@ -410,6 +417,26 @@ def train_online(
                            train_seconds=train_seconds, train_examples_per_s=seen / max(train_seconds, 1e-9),
                            epoch_seconds=epoch_seconds, peak_memory_bytes=peak.bytes, memory_device=str(device),
                            history=history)
+
+
+class _BestWeights:
+    """The best epoch's trainable parameters, kept on disk (as a checkpoint would be), not in memory."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="unipt-online-")
+        self._path = os.path.join(self._dir.name, "best.safetensors")
+
+    def save(self, model: nn.Module) -> None:
+        save_file({k: p.detach().contiguous().cpu() for k, p in model.named_parameters() if p.requires_grad},
+                  self._path)
+
+    def load(self, model: nn.Module) -> None:
+        device = next(model.parameters()).device
+        # strict=False: the file holds the trainable parameters only; the frozen rest never changed.
+        model.load_state_dict(load_file(self._path, device=str(device)), strict=False)
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 @torch.no_grad()

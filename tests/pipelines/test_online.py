@@ -3,6 +3,7 @@ online UniPT step equals the cached one; the backbone stays frozen or trains as 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from unipt.pipelines._online import (
     train_online,
 )
 from unipt.store import FeatureStore
-from unipt.train import ActivationLoader, LoaderConfig, TrainConfig, build_model, count_trainable, fit
+from unipt.train import ActivationLoader, LoaderConfig, MetricsLog, TrainConfig, build_model, count_trainable, fit
 
 METHOD_OPTIONS = {"online_unipt": {"reduction": 2}, "full_finetune": {}, "lora": {"r": 4, "alpha": 8}}
 
@@ -60,9 +61,10 @@ def numel(module: nn.Module) -> int:
 
 # --------------------------------------------------------------------------- every method trains
 @pytest.mark.parametrize("method", sorted(ONLINE_METHODS))
-def test_each_method_trains_one_epoch(method, source, backbone):
+def test_each_method_trains_one_epoch(method, source, backbone, tmp_path):
     config = TrainConfig(method=method, model=METHOD_OPTIONS[method], epochs=1, batch_size=8, device="cpu")
-    result = fit_online(method, source, backbone, config, progress=False)
+    log = tmp_path / "metrics.jsonl"
+    result = fit_online(method, source, backbone, config, log=MetricsLog(log), progress=False)
     data = load_source(source)
     assert len(data.splits["train"]) == 40
     assert result.method == method and result.best_epoch == 1 and len(result.history) == 1
@@ -72,7 +74,8 @@ def test_each_method_trains_one_epoch(method, source, backbone):
         assert metrics["n"] == len(data.splits[split])
         assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
         assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
-    assert result.history[0]["test_accuracy"] == result.test_metrics["accuracy"]
+    last = json.loads(log.read_text().splitlines()[-1])  # the test score, logged once for the best epoch
+    assert last["epoch"] == result.best_epoch and last["test_accuracy"] == result.test_metrics["accuracy"]
     assert len(result.epoch_seconds) == 1 and result.train_seconds == pytest.approx(result.epoch_seconds[0])
     assert result.train_examples_per_s > 0
     assert result.peak_memory_bytes > 0 and result.memory_device == "cpu"
