@@ -5,7 +5,10 @@
     [backbone]                   unipt.extract.BackboneConfig
     [extract]                    unipt.extract.ExtractConfig
     [loader]                     unipt.train.LoaderConfig
-    [train.<run name>]           unipt.train.TrainConfig (method + its [train.<run>.model] options)
+    [train.<run name>]           unipt.train.TrainConfig (method + its [train.<run>.model] options), and an
+                                 optional ``sweep = {lr = [1e-4, 5e-4], "model.reduction" = [2, 4]}``: the
+                                 section then stands for the cartesian product of runs, named like
+                                 ``<run name>@lr=0.0001,model.reduction=2`` (unipt.train.expand_sweep)
 
 ``key=value`` overrides address any field by its dotted path (``train.unipt.lr=1e-3``,
 ``source.max_examples={train=20000}``); values are TOML literals, and bare words are strings. Unknown keys
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig
-from unipt.train import LoaderConfig, TrainConfig, get_method
+from unipt.train import LoaderConfig, TrainConfig, expand_sweep, get_method
 
 RECIPE_SUFFIX = ".toml"
 _TOP_LEVEL = {"name", "description", "workdir", "store", "source", "backbone", "extract", "loader", "train"}
@@ -39,7 +42,10 @@ class Recipe:
     extract: ExtractConfig
     loader: LoaderConfig
     train: dict[str, TrainConfig]
+    """Every run by name, sweeps expanded."""
     description: str = ""
+    sections: dict[str, list[str]] = field(default_factory=dict)
+    """Each [train.<section>]'s runs: [section] itself, or the runs its sweep expands into."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the resolved document, saved with outputs
 
     @property
@@ -110,12 +116,15 @@ def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -
     train_section = document.get("train", {})
     if not isinstance(train_section, dict) or not train_section:
         raise ValueError("a recipe needs at least one [train.<run name>] section")
-    runs = {}
-    for run, values in train_section.items():
-        values = dict(values)
-        get_method(values.get("method", TrainConfig.method))  # fail early, listing the methods
-        runs[run] = make_config(TrainConfig, values, f"[train.{run}]")
-        get_method(runs[run].method).make_config(runs[run].model)  # validate the model options now
+    runs: dict[str, TrainConfig] = {}
+    sections: dict[str, list[str]] = {}
+    for section, values in train_section.items():
+        expanded = _train_section(section, values)
+        clash = sorted(set(expanded) & set(runs))
+        if clash:
+            raise ValueError(f"[train.{section}] makes run(s) {clash} that another [train.*] section already makes")
+        runs.update(expanded)
+        sections[section] = list(expanded)
     return Recipe(
         name=name,
         workdir=workdir,
@@ -126,8 +135,42 @@ def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -
         loader=make_config(LoaderConfig, document.get("loader", {}), "[loader]"),
         train=runs,
         description=str(document.get("description", "")),
+        sections=sections,
         raw={**document, "name": name, "workdir": workdir, "store": store},
     )
+
+
+def _train_section(section: str, values: Any) -> dict[str, TrainConfig]:
+    """One [train.<section>]: its run, or the runs its ``sweep`` table expands into."""
+    where = f"[train.{section}]"
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where} must be a table of options, got {values!r}")
+    values = dict(values)
+    _reject_unknown(values, {f.name for f in dataclasses.fields(TrainConfig)} | {"sweep"}, where)
+    sweep = values.pop("sweep", {})
+    if not isinstance(sweep, Mapping):
+        raise ValueError(f"{where}: sweep must be a table of lists (sweep = {{ lr = [1e-4, 5e-4] }}), got {sweep!r}")
+    get_method(values.get("method", TrainConfig.method))  # fail early, listing the methods
+    base = make_config(TrainConfig, values, where)
+    if "method" not in sweep:
+        get_method(base.method).make_config(base.model)  # validate the model options now
+    try:
+        return expand_sweep(section, base, sweep)
+    except ValueError as exc:
+        raise ValueError(f"{where} sweep: {exc}") from exc
+
+
+def select_runs(recipe: Recipe, names: Sequence[str] = ()) -> list[str]:
+    """The runs ``names`` pick (run names, or section names standing for all their runs); all when empty."""
+    if not names:
+        return list(recipe.train)
+    unknown = sorted(set(names) - set(recipe.train) - set(recipe.sections))
+    if unknown:
+        sweeps = sorted(set(recipe.sections) - set(recipe.train))
+        also = f"; or a sweep's section, for all its runs: {sweeps}" if sweeps else ""
+        raise ValueError(f"no run(s) {unknown} in recipe {recipe.name!r}; its runs are {sorted(recipe.train)}{also}")
+    picked = [run for name in names for run in ([name] if name in recipe.train else recipe.sections[name])]
+    return list(dict.fromkeys(picked))
 
 
 def make_config(cls: type, values: Mapping[str, Any], where: str) -> Any:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+import statistics
 from pathlib import Path
 from typing import Sequence
 
 from unipt.extract import ExtractSummary, backbone_hashes, resolve_path, run_extraction
 from unipt.store import FeatureStore, check_provenance
-from unipt.train import MetricsLog, RunResult, fit
+from unipt.train import MetricsLog, RunResult, fit_many, pass_groups
 
-from ._recipe import Recipe
+from ._recipe import Recipe, select_runs
 
 log = logging.getLogger("unipt")
 
@@ -24,22 +27,30 @@ def extract_stage(recipe: Recipe, *, progress: bool = True) -> ExtractSummary:
     return summary
 
 
-def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, progress: bool = True) -> list[RunResult]:
-    unknown = sorted(set(runs) - set(recipe.train))
-    if unknown:
-        raise ValueError(f"no run(s) {unknown} in recipe {recipe.name!r}; its runs are {sorted(recipe.train)}")
+def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = False,
+                progress: bool = True) -> list[RunResult]:
+    """Train ``runs`` (run or section names; default: all), results in recipe order.
+
+    Runs that can share batches (unipt.train.PASS_FIELDS) train together from one pass over the store per
+    epoch; ``separate`` gives every run its own passes instead (same results, for timing comparisons).
+    """
+    selected = select_runs(recipe, runs)
     store = FeatureStore.open(recipe.store)
     check_store_fits_recipe(recipe, store)
     metrics = MetricsLog(recipe.metrics_log)
-    results = []
-    for name in runs or list(recipe.train):
-        config = recipe.train[name]
-        log.info("training %s (%s) from %s", name, config.method, recipe.store)
-        result = fit(name, store, config, recipe.checkpoints, loader_config=recipe.loader, log=metrics, progress=progress)
-        log.info("%s: best epoch %d, %s", name, result.best_epoch, _fmt_metrics(result.eval_metrics))
-        results.append(result)
+    configs = {name: recipe.train[name] for name in selected}
+    groups = [{name: config} for name, config in configs.items()] if separate else pass_groups(configs)
+    results = {}
+    for group in groups:
+        together = f" in one pass ({len(group)} runs)" if len(group) > 1 else ""
+        log.info("training %s from %s%s", ", ".join(f"{name} ({c.method})" for name, c in group.items()),
+                 recipe.store, together)
+        for result in fit_many(group, store, recipe.checkpoints, loader_config=recipe.loader, log=metrics,
+                               progress=progress):
+            log.info("%s: best epoch %d, %s", result.name, result.best_epoch, _fmt_metrics(result.eval_metrics))
+            results[result.name] = result
     _save_resolved(recipe)
-    return results
+    return [results[name] for name in selected]
 
 
 def check_store_fits_recipe(recipe: Recipe, store: FeatureStore) -> None:
@@ -62,19 +73,71 @@ def check_store_fits_recipe(recipe: Recipe, store: FeatureStore) -> None:
                           "store was made with.")
 
 
-def results_table(results: Sequence[RunResult], test_split: str = "test") -> str:
-    """A Markdown table: one row per run."""
-    header = ["run", "method", "trainable params", "best epoch", f"{test_split} accuracy", f"{test_split} macro-F1",
-              "train time (s)", "train examples/s"]
+def results_table(results: Sequence[RunResult], test_split: str = "test", *, rank_by: str = "accuracy") -> str:
+    """Markdown: one row per run, best eval ``rank_by`` first (runs without an eval score last).
+
+    Where runs differ in their seed only, a second table gives each such group's mean ± sample standard
+    deviation over its seeds, ranked the same way.
+    """
+    ranked = sorted(results, key=lambda r: -_eval(r, rank_by))
+    header = ["#", "run", "method", "trainable params", "best epoch", f"eval {rank_by}", f"{test_split} accuracy",
+              f"{test_split} macro-F1", "train time (s)", "train examples/s"]
     rows = []
-    for r in results:
+    for rank, r in enumerate(ranked, 1):
         test = r.test_metrics or {}
-        rows.append([r.name, r.method, f"{r.trainable_params:,}", str(r.best_epoch),
-                     _fmt(test.get("accuracy")), _fmt(test.get("macro_f1")),
+        rows.append([str(rank), r.name, r.method, f"{r.trainable_params:,}", str(r.best_epoch),
+                     _fmt(r.eval_metrics.get(rank_by)), _fmt(test.get("accuracy")), _fmt(test.get("macro_f1")),
                      f"{r.train_seconds:.1f}", f"{r.train_examples_per_s:.0f}"])
+    out = [_markdown(header, rows)]
+    if any(r.runs_in_pass > 1 for r in results):
+        out += ["", "Runs trained in one pass over the store share its time: their train time and examples/s are "
+                    "the pass's."]
+    groups = _seed_groups(results)
+    if groups:
+        header = ["#", "runs", "method", "seeds", f"eval {rank_by}", f"{test_split} accuracy", f"{test_split} macro-F1"]
+        groups.sort(key=lambda g: -statistics.fmean(_eval(r, rank_by) for r in g))
+        rows = [[str(rank), f"{_without_seed(g[0].name)} ({len(g)} seeds)", g[0].method,
+                 ", ".join(str(r.config["seed"]) for r in g),
+                 _mean_std([r.eval_metrics.get(rank_by) for r in g]),
+                 _mean_std([(r.test_metrics or {}).get("accuracy") for r in g]),
+                 _mean_std([(r.test_metrics or {}).get("macro_f1") for r in g])]
+                for rank, g in enumerate(groups, 1)]
+        out += ["", "Mean ± std over seeds (runs that differ in their seed only):", "", _markdown(header, rows)]
+    return "\n".join(out)
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _eval(result: RunResult, metric: str) -> float:
+    value = result.eval_metrics.get(metric)
+    return -math.inf if value is None else value
+
+
+def _seed_groups(results: Sequence[RunResult]) -> list[list[RunResult]]:
+    """Groups of two or more runs whose configs are equal but for ``seed``, in order of first appearance."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:
+        if r.config:
+            key = json.dumps({k: v for k, v in r.config.items() if k != "seed"}, sort_keys=True, default=str)
+            groups.setdefault(key, []).append(r)
+    return [g for g in groups.values() if len({r.config["seed"] for r in g}) > 1]
+
+
+def _without_seed(name: str) -> str:
+    """``unipt@lr=0.001,seed=2`` -> ``unipt@lr=0.001``; ``unipt@seed=2`` -> ``unipt`` (sweep names)."""
+    return re.sub(r"@$", "", re.sub(r"(?<=[@,])seed=[^,]*(,|$)", "", name)).rstrip(",")
+
+
+def _mean_std(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
 
 def write_report(recipe: Recipe, results: Sequence[RunResult], extraction: ExtractSummary | None) -> Path:

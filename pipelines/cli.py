@@ -74,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     recipe_command("run", "extract (resuming a partial store) and train every run of a recipe", _cmd_run)
     recipe_command("extract", "run the frozen backbone once and write the feature store", _cmd_extract)
     train = recipe_command("train", "train the recipe's side networks from its feature store", _cmd_train)
-    train.add_argument("--run", action="append", default=[], metavar="NAME", help="train only this run (repeatable)")
+    train.add_argument("--run", action="append", default=[], metavar="NAME",
+                       help="train only this run, or every run of this sweep section (repeatable)")
+    train.add_argument("--separate", action="store_true",
+                       help="one pass over the store per run, instead of one per group of compatible runs (timing)")
 
     ev = sub.add_parser("eval", parents=[common], help="score a checkpoint on a split of a feature store")
     ev.add_argument("checkpoint", help="a checkpoint folder (model.safetensors + config.json)")
@@ -156,7 +159,7 @@ def _cmd_train(args) -> int:
     from ._stages import results_table, train_stage, write_report
 
     recipe = _recipe(args)
-    results = train_stage(recipe, args.run, progress=not args.quiet)
+    results = train_stage(recipe, args.run, separate=args.separate, progress=not args.quiet)
     print(results_table(results))
     write_report(recipe, results, None)
     return 0

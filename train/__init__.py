@@ -5,7 +5,9 @@ from ._loader import ActivationLoader, Batch
 from ._methods import METHODS, get_method, resolve_layers
 from ._metrics import classification_metrics
 from ._pooling import ClassificationHead, masked_mean
-from ._trainer import MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint, fit
+from ._sweep import expand_sweep, sweep_keys
+from ._trainer import (PASS_FIELDS, MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint,
+                       fit, fit_many, pass_groups)
 from .config import LoaderConfig, TrainConfig
 from .linear_probe import LinearProbe, LinearProbeConfig
 from .lst import LST, LSTClassifier, LSTConfig
@@ -22,6 +24,11 @@ __all__ = [
     "resolve_layers",
     "build_model",
     "fit",
+    "fit_many",
+    "pass_groups",
+    "PASS_FIELDS",
+    "expand_sweep",
+    "sweep_keys",
     "evaluate",
     "evaluate_checkpoint",
     "RunResult",

@@ -1,4 +1,15 @@
-"""Fit one side network from a feature store: AdamW, per-epoch evaluation, best checkpoint, test score."""
+"""Fit side networks from a feature store: AdamW, per-epoch evaluation, best checkpoint, test score.
+
+One pass over the store per epoch feeds every run given to :func:`fit_many` (a sweep: learning rates,
+``r``, seeds, methods); :func:`fit` is the one-run case. Each run keeps its own model, optimiser,
+learning-rate schedule, gradient clipping and random stream (init and dropout), so it ends exactly as it
+would have trained alone. The runs share only what the shared batches fix: batch size, splits, the seed of
+the batch order and the device (:data:`PASS_FIELDS`; :func:`pass_groups` sorts runs into such groups).
+
+Per epoch: one pass over the train split steps every run that is still training, one pass over the eval
+split scores them all, and each run saves its best checkpoint. At the end, one pass over the test split
+scores every run's best checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +28,13 @@ from tqdm.auto import tqdm
 from unipt.store import FeatureStore
 
 from ._checkpoint import check_store_matches, load_checkpoint, save_checkpoint
-from ._loader import ActivationLoader
+from ._loader import ActivationLoader, Batch
 from ._methods import config_dict, get_method, resolve_layers
 from ._metrics import classification_metrics
 from .config import LoaderConfig, TrainConfig
+
+PASS_FIELDS = ("batch_size", "train_split", "eval_split", "test_split", "shuffle_seed", "device")
+"""What runs trained in one pass must share: the batches (their size, splits and order) and the device."""
 
 
 @dataclass
@@ -32,9 +46,14 @@ class RunResult:
     eval_metrics: dict[str, float]
     test_metrics: dict[str, float] | None
     train_seconds: float
+    """Wall time of the passes this run trained in (shared with the other runs of its pass)."""
     train_examples_per_s: float
     checkpoint: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    """The run's resolved TrainConfig."""
+    runs_in_pass: int = 1
+    """How many runs trained from the same pass over the store (1: trained alone)."""
 
 
 def _absolute(url: str) -> str:
@@ -75,6 +94,19 @@ def build_model(config: TrainConfig, store: FeatureStore) -> tuple[nn.Module, An
     return method.build(model_config, widths, len(store.label_names)), model_config, layers
 
 
+def pass_key(config: TrainConfig) -> tuple:
+    """Runs with equal keys can train from one pass over the store (see :data:`PASS_FIELDS`)."""
+    return tuple(str(resolve_device(config.device)) if f == "device" else getattr(config, f) for f in PASS_FIELDS)
+
+
+def pass_groups(runs: Mapping[str, TrainConfig]) -> list[dict[str, TrainConfig]]:
+    """``runs`` split into groups that can each train in one pass, in order of first appearance."""
+    groups: dict[tuple, dict[str, TrainConfig]] = {}
+    for name, config in runs.items():
+        groups.setdefault(pass_key(config), {})[name] = config
+    return list(groups.values())
+
+
 def fit(
     name: str,
     store: FeatureStore,
@@ -85,111 +117,267 @@ def fit(
     log: MetricsLog | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Train run ``name`` on ``config.train_split``; keep the best epoch on ``eval_split``; score ``test_split``."""
+    """Train run ``name`` on ``config.train_split``; keep the best epoch on ``eval_split``; score ``test_split``.
+
+    :func:`fit_many` with one run."""
+    (result,) = fit_many({name: config}, store, out_dir, loader_config=loader_config, log=log, progress=progress)
+    return result
+
+
+def fit_many(
+    runs: Mapping[str, TrainConfig],
+    store: FeatureStore,
+    out_dir: str | Path,
+    *,
+    loader_config: LoaderConfig | None = None,
+    log: MetricsLog | None = None,
+    progress: bool = True,
+) -> list[RunResult]:
+    """Train every run of ``runs`` (name -> config) from one pass over ``store`` per epoch.
+
+    Every run gets what :func:`fit` would give it alone: records tagged with its name in ``log``, its best
+    checkpoint in ``out_dir/<name>`` and the same numbers, bit for bit on CPU. (One caveat: the loader
+    reads the union of the runs' layers, so with ``LoaderConfig(mode="auto")`` a union over the memory
+    budget streams where one run alone would be held in memory, and its batches come in another order.)
+    Runs must share :data:`PASS_FIELDS` (:func:`pass_groups` splits a sweep into such groups); a run whose
+    epochs or ``max_steps`` are spent stops stepping while the others go on. Results come in the order of
+    ``runs``.
+    """
+    if not runs:
+        raise ValueError("fit_many needs at least one run")
+    _check_one_pass(runs)
     log = log or MetricsLog(None)
-    out_dir = Path(out_dir)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    model, model_config, layers = build_model(config, store)
-    model.to(device)
     loader_config = loader_config or LoaderConfig()
+    first = next(iter(runs.values()))
+    device = resolve_device(first.device)
     pin = device.type == "cuda"
-    train_loader = ActivationLoader(store, config.train_split, layers, batch_size=config.batch_size, shuffle=True,
-                                    seed=config.seed, config=loader_config, pin_memory=pin, accelerator=pin)
-    eval_loader = _optional_loader(store, config.eval_split, layers, config, loader_config, pin)
+    # One loader over the union of the runs' layers; each run takes its own layers from every batch.
+    layers = sorted({l for config in runs.values() for l in _layers(config, store)})
+    train_loader = ActivationLoader(store, first.train_split, layers, batch_size=first.batch_size, shuffle=True,
+                                    seed=first.shuffle_seed, config=loader_config, pin_memory=pin, accelerator=pin)
+    eval_loader = _optional_loader(store, first.eval_split, layers, first.batch_size, loader_config, pin)
+    trainers = [_Run(name, config, store, Path(out_dir), device, layers, len(train_loader))
+                for name, config in runs.items()]
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = len(train_loader) * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total_steps))
-    widths = [store.layer_widths[l] for l in layers]
-    ckpt_dir = out_dir / name
-    ckpt_extra = {"run": name, "train": config_dict(config), "label_names": store.label_names,
-                  "store_url": _absolute(store.url)}
-
-    best_score, best_epoch, best_metrics, history = -math.inf, -1, {}, []
-    step, train_seconds, seen = 0, 0.0, 0
-    for epoch in range(config.epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        start, epoch_seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not progress, leave=False, dynamic_ncols=True)
-        for batch in bar:
-            batch = batch.to(device)
-            with _autocast(device):
-                logits = model(batch.hidden_states, batch.mask)
-            loss = F.cross_entropy(logits.float(), batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            epoch_seen += len(batch)
-            loss_sum += loss.item() * len(batch)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{epoch_seen / (time.perf_counter() - start):.0f}",
-                            refresh=False)
-            if config.max_steps and step >= config.max_steps:
-                break
-        bar.close()
-        elapsed = time.perf_counter() - start
-        train_seconds += elapsed
-        seen += epoch_seen
-        record = {"run": name, "epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(epoch_seen, 1),
-                  "train_examples_per_s": epoch_seen / elapsed, "epoch_seconds": elapsed}
+    for epoch in range(max(config.epochs for config in runs.values())):
+        active = [run for run in trainers if not run.done]
+        if not active:
+            break
+        who = active[0].name if len(trainers) == 1 else f"{len(active)} runs"
+        desc = f"{who} epoch {epoch + 1}/{max(run.config.epochs for run in active)}"
+        start, end = _train_pass(active, train_loader, epoch, device, desc, progress)
+        scores = [None] * len(active)  # no eval split: each run keeps its last epoch
         if eval_loader is not None:
-            metrics = evaluate(model, eval_loader, device, len(store.label_names))
-            record.update({f"{config.eval_split}_{k}": v for k, v in metrics.items()})
-            score = metrics[config.select_metric]
+            scores = _score([(run.model, run.pick) for run in active], eval_loader, device, len(store.label_names))
+        for run, metrics in zip(active, scores):
+            run.end_epoch(epoch, (run.stopped_at or end) - start, metrics, log)
+
+    test_metrics: list[dict[str, float] | None] = [None] * len(trainers)
+    test_loader = _optional_loader(store, first.test_split, layers, first.batch_size, loader_config, pin)
+    if test_loader is not None:
+        for run in trainers:
+            run.release_training_state()
+        best = [(load_checkpoint(run.checkpoint, map_location=device)[0].to(device), run.pick) for run in trainers]
+        test_metrics = _score(best, test_loader, device, len(store.label_names))
+        for run, metrics in zip(trainers, test_metrics):
+            run.record_test(metrics, log)
+    return [run.result(test, len(trainers)) for run, test in zip(trainers, test_metrics)]
+
+
+class _Run:
+    """One side network in training: model, optimiser, schedule, random stream and best checkpoint so far."""
+
+    def __init__(self, name: str, config: TrainConfig, store: FeatureStore, out_dir: Path, device: torch.device,
+                 loader_layers: list[int], steps_per_epoch: int):
+        self.name, self.config, self.device = name, config, device
+        torch.manual_seed(config.seed)
+        model, model_config, layers = build_model(config, store)
+        self.model = model.to(device)
+        self.rng = _RandomStream(device)  # goes on from the init's state, as it would training alone
+        self.pick = [loader_layers.index(l) for l in layers]  # this run's layers, in its order, in each batch
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in self.params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        total_steps = steps_per_epoch * config.epochs
+        if config.max_steps:
+            total_steps = min(total_steps, config.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, total_steps))
+        self.checkpoint = out_dir / name
+        self.checkpoint_fields = {
+            "method": config.method, "model_config": config_dict(model_config), "layers": layers,
+            "layer_widths": [store.layer_widths[l] for l in layers], "store": store}
+        self.checkpoint_extra = {"run": name, "train": config_dict(config), "label_names": store.label_names,
+                                 "store_url": _absolute(store.url)}
+        self.step, self.seen, self.train_seconds, self.done = 0, 0, 0.0, False
+        self.best_score, self.best_epoch, self.best_metrics = -math.inf, -1, {}
+        self.history: list[dict[str, Any]] = []
+
+    def start_epoch(self) -> None:
+        self.model.train()
+        self.stepping, self.stopped_at, self.epoch_seen = True, None, 0
+        # Summed on the device in float64 (the same sums as Python floats): no host sync per step.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def train_step(self, batch: Batch) -> None:
+        with self.rng:
+            with _autocast(self.device):
+                logits = self.model([batch.hidden_states[i] for i in self.pick], batch.mask)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.epoch_seen += len(batch)
+        self.loss_sum += loss.detach().double() * len(batch)
+        self.last_loss = loss.detach()
+        if self.config.max_steps and self.step >= self.config.max_steps:
+            self.stepping, self.stopped_at, self.done = False, time.perf_counter(), True
+
+    def end_epoch(self, epoch: int, elapsed: float, metrics: dict[str, float] | None, log: MetricsLog) -> None:
+        """Log the epoch, and save a checkpoint when ``metrics`` (on the eval split) beat the best so far."""
+        self.train_seconds += elapsed
+        self.seen += self.epoch_seen
+        record = {"run": self.name, "epoch": epoch + 1, "step": self.step,
+                  "train_loss": self.loss_sum.item() / max(self.epoch_seen, 1),
+                  "train_examples_per_s": self.epoch_seen / elapsed, "epoch_seconds": elapsed}
+        if metrics is not None:
+            record.update({f"{self.config.eval_split}_{k}": v for k, v in metrics.items()})
+            score = metrics[self.config.select_metric]
         else:
             metrics, score = {}, float(epoch)  # no eval split: keep the last epoch
-        history.append(record)
+        self.history.append(record)
         log.write(**record)
-        if score > best_score:
-            best_score, best_epoch, best_metrics = score, epoch + 1, metrics
-            save_checkpoint(ckpt_dir, model, method=config.method, model_config=config_dict(model_config),
-                            layers=layers, layer_widths=widths, store=store,
-                            extra={**ckpt_extra, "epoch": epoch + 1, "eval": metrics})
-        if config.max_steps and step >= config.max_steps:
-            break
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.best_metrics = score, epoch + 1, metrics
+            save_checkpoint(self.checkpoint, self.model, **self.checkpoint_fields,
+                            extra={**self.checkpoint_extra, "epoch": epoch + 1, "eval": metrics})
+        if epoch + 1 >= self.config.epochs:
+            self.done = True
 
-    test_metrics = None
-    test_loader = _optional_loader(store, config.test_split, layers, config, loader_config, pin)
-    if test_loader is not None:
-        best, _ = load_checkpoint(ckpt_dir, map_location=device)
-        test_metrics = evaluate(best.to(device), test_loader, device, len(store.label_names))
-        log.write(run=name, epoch=best_epoch, **{f"{config.test_split}_{k}": v for k, v in test_metrics.items()})
-        meta_path = ckpt_dir / "config.json"
+    def release_training_state(self) -> None:
+        """Free the model and optimiser state once training is over (the best checkpoint is on disk)."""
+        self.model = self.optimizer = self.scheduler = self.params = None
+
+    def record_test(self, metrics: dict[str, float], log: MetricsLog) -> None:
+        log.write(run=self.name, epoch=self.best_epoch,
+                  **{f"{self.config.test_split}_{k}": v for k, v in metrics.items()})
+        meta_path = self.checkpoint / "config.json"
         meta = json.loads(meta_path.read_text())
-        meta["test"] = test_metrics
+        meta["test"] = metrics
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return RunResult(name=name, method=config.method, trainable_params=count_trainable(model), best_epoch=best_epoch,
-                     eval_metrics=best_metrics, test_metrics=test_metrics, train_seconds=train_seconds,
-                     train_examples_per_s=seen / max(train_seconds, 1e-9), checkpoint=str(ckpt_dir), history=history)
+
+    def result(self, test_metrics: dict[str, float] | None, runs_in_pass: int) -> RunResult:
+        return RunResult(name=self.name, method=self.config.method, trainable_params=self.trainable_params,
+                         best_epoch=self.best_epoch, eval_metrics=self.best_metrics, test_metrics=test_metrics,
+                         train_seconds=self.train_seconds,
+                         train_examples_per_s=self.seen / max(self.train_seconds, 1e-9),
+                         checkpoint=str(self.checkpoint), history=self.history,
+                         config=config_dict(self.config), runs_in_pass=runs_in_pass)
+
+
+def _train_pass(runs: list[_Run], loader: ActivationLoader, epoch: int, device: torch.device, desc: str,
+                progress: bool) -> tuple[float, float]:
+    """One pass over the train split: every batch steps each of ``runs`` in turn, until all have stopped.
+
+    Returns the pass's start and end (``time.perf_counter``)."""
+    loader.set_epoch(epoch)
+    for run in runs:
+        run.start_epoch()
+    start = shown = time.perf_counter()
+    stepping, seen = runs, 0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        batch = batch.to(device)  # moved once, whatever the number of runs
+        for run in stepping:
+            run.train_step(batch)
+        stepping = [run for run in stepping if run.stepping]
+        seen += len(batch)
+        if progress and time.perf_counter() - shown > 0.5:  # reading the loss waits for the device: not every step
+            shown = time.perf_counter()
+            losses = [run.last_loss.item() for run in runs]
+            bar.set_postfix(loss=f"{losses[0]:.3f}" if len(losses) == 1 else f"{min(losses):.3f}..{max(losses):.3f}",
+                            ex_s=f"{seen / (shown - start):.0f}", refresh=False)
+        if not stepping:
+            break
+    bar.close()
+    return start, time.perf_counter()
+
+
+def _check_one_pass(runs: Mapping[str, TrainConfig]) -> None:
+    (first_name, first), *others = runs.items()
+    for name, config in others:
+        for f, mine, theirs in zip(PASS_FIELDS, pass_key(first), pass_key(config)):
+            if mine != theirs:
+                hint = (" (set the same data_seed to share a pass: seeds then vary init and dropout only)"
+                        if f == "shuffle_seed" else "")
+                raise ValueError(f"runs {first_name!r} and {name!r} cannot train in one pass over the store: "
+                                 f"their {f} differs ({mine!r} vs {theirs!r}){hint}; train them in separate "
+                                 f"passes (pass_groups splits runs into groups that can share one)")
+
+
+def _layers(config: TrainConfig, store: FeatureStore) -> list[int]:
+    return resolve_layers(get_method(config.method).make_config(config.model).layers, store.layers)
+
+
+class _RandomStream:
+    """A run's own torch random state (CPU, plus the GPU's when training on one), swapped in around its steps.
+
+    Dropout draws from torch's global generators: runs stepping in turn would draw from each other's
+    streams, and a run's result would depend on the runs it was trained with.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device if device.type == "cuda" else None
+        self.state = self._get()
+
+    def _get(self):
+        return torch.get_rng_state(), None if self.cuda is None else torch.cuda.get_rng_state(self.cuda)
+
+    def __enter__(self) -> None:
+        cpu, gpu = self.state
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, self.cuda)
+
+    def __exit__(self, *exc) -> None:
+        self.state = self._get()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: ActivationLoader, device: torch.device, num_labels: int) -> dict[str, float]:
     """Accuracy, macro-F1 and mean cross-entropy of ``model`` over every example of ``loader``."""
-    model.eval()
-    preds, targets, loss_sum = [], [], 0.0
+    return _score([(model, list(range(len(loader.layers))))], loader, device, num_labels)[0]
+
+
+@torch.no_grad()
+def _score(models: Sequence[tuple[nn.Module, list[int]]], loader: ActivationLoader, device: torch.device,
+           num_labels: int) -> list[dict[str, float]]:
+    """:func:`evaluate` for several (model, positions of its layers in the loader's) from one pass."""
+    for model, _ in models:
+        model.eval()
+    preds: list[list[torch.Tensor]] = [[] for _ in models]
+    loss_sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in models]
+    targets = []
     for batch in loader:
         if (batch.labels < 0).any():
             raise ValueError(f"split {loader.split!r} has unlabelled examples (label -1); it cannot be scored")
         batch = batch.to(device)
-        with _autocast(device):
-            logits = model(batch.hidden_states, batch.mask).float()
-        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
-        targets.append(batch.labels.cpu())
-    pred, target = torch.cat(preds), torch.cat(targets)
-    metrics = classification_metrics(pred, target, num_labels)
-    metrics["loss"] = loss_sum / max(len(target), 1)
-    return metrics
+        targets.append(batch.labels)
+        for (model, pick), pred, loss_sum in zip(models, preds, loss_sums):
+            with _autocast(device):
+                logits = model([batch.hidden_states[i] for i in pick], batch.mask).float()
+            loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
+            pred.append(logits.argmax(-1))
+    target = torch.cat(targets).cpu()
+    results = []
+    for pred, loss_sum in zip(preds, loss_sums):
+        metrics = classification_metrics(torch.cat(pred).cpu(), target, num_labels)
+        metrics["loss"] = loss_sum.item() / max(len(target), 1)
+        results.append(metrics)
+    return results
 
 
 def evaluate_checkpoint(checkpoint: str | Path, store: FeatureStore, split: str, *, batch_size: int = 64,
@@ -203,10 +391,10 @@ def evaluate_checkpoint(checkpoint: str | Path, store: FeatureStore, split: str,
     return evaluate(model.to(dev), loader, dev, config["num_labels"])
 
 
-def _optional_loader(store, split, layers, config, loader_config, pin) -> ActivationLoader | None:
+def _optional_loader(store, split, layers, batch_size, loader_config, pin) -> ActivationLoader | None:
     if not split or split not in store.splits() or not store.parts(split):
         return None
-    return ActivationLoader(store, split, layers, batch_size=max(64, config.batch_size), shuffle=False,
+    return ActivationLoader(store, split, layers, batch_size=max(64, batch_size), shuffle=False,
                             config=loader_config, pin_memory=pin, accelerator=pin)
 
 

@@ -31,7 +31,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     seed: int = 0
-    """Seeds parameter init, shuffling and dropout."""
+    """Seeds parameter init and dropout, and the batch order unless data_seed is set."""
+    data_seed: int | None = None
+    """Seeds the batch order (shuffling); None = seed. Runs sharing it (and batch_size, splits, device) train
+    from one pass over the store, so a seed sweep with a fixed data_seed shares its passes and varies init
+    and dropout only."""
     train_split: str = "train"
     """Split the model is fitted on."""
     eval_split: str = "validation"
@@ -58,6 +62,11 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"select_metric must be one of {SELECT_METRICS}, got {self.select_metric!r}")
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed of the batch order: data_seed, or seed when data_seed is None."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 @dataclass

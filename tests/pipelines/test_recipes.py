@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from unipt.pipelines import apply_override, build_recipe, load_recipe, shipped_recipes
+from unipt.pipelines import (apply_override, build_recipe, load_recipe, results_table, shipped_recipes, train_stage,
+                             write_report)
+from unipt.pipelines._recipe import select_runs
 from unipt.pipelines.cli import main
 from unipt.store import FeatureStore
 
@@ -160,3 +163,109 @@ def test_training_refuses_a_store_from_another_backbone(tiny_bert_dir, text_csv,
     assert main(["train", "tweets-minilm", "-q", "--run", "unipt", *args, f"backbone.model='{other}'"]) == 2
     err = capsys.readouterr().err
     assert "was not extracted with the recipe's backbone" in err and "weights_sha256: expected" in err
+
+
+# --------------------------------------------------------------------------- sweeps
+SWEEP = 'train.unipt.sweep={lr=[1e-4, 5e-4], "model.reduction"=[2, 4], seed=[0, 1]}'
+
+
+def test_a_sweep_section_expands_into_named_runs():
+    recipe = load_recipe("tweets-minilm", [SWEEP])
+    names = list(recipe.train)
+    assert len(names) == 9 and names[-1] == "linear_probe"
+    assert names[0] == "unipt@lr=0.0001,model.reduction=2,seed=0"
+    assert recipe.sections == {"unipt": names[:8], "linear_probe": ["linear_probe"]}
+    run = recipe.train["unipt@lr=0.0005,model.reduction=4,seed=1"]
+    assert (run.lr, run.model, run.seed, run.epochs) == (5e-4, {"reduction": 4}, 1, 5)
+    assert recipe.raw["train"]["unipt"]["sweep"]["lr"] == [1e-4, 5e-4]  # the resolved recipe keeps the sweep
+    # a section name picks all its runs, a run name picks one
+    assert select_runs(recipe, ["unipt"]) == names[:8]
+    assert select_runs(recipe, [names[3], "linear_probe", names[3]]) == [names[3], "linear_probe"]
+    with pytest.raises(ValueError, match=r"no run\(s\) \['unipt@lr=1'\] in recipe 'tweets-minilm'; "
+                                         r"its runs are .*; or a sweep's section, for all its runs: \['unipt'\]"):
+        select_runs(recipe, ["unipt@lr=1"])
+
+
+def test_unknown_sweep_keys_and_bad_sweeps_are_refused():
+    with pytest.raises(ValueError, match=r"\[train.unipt\] sweep: unknown sweep key\(s\) \['lr_', 'model.reductoin'\]; "
+                                         r"valid keys: \[.*'lr'.*'seed'.*'model.reduction'.*\]"):
+        load_recipe("tweets-minilm", ['train.unipt.sweep={lr_=[1], "model.reductoin"=[2]}'])
+    with pytest.raises(ValueError, match=r"\[train.unipt\]: sweep must be a table of lists"):
+        load_recipe("tweets-minilm", ["train.unipt.sweep=3"])
+    with pytest.raises(ValueError, match=r"\[train.unipt\] sweep: sweep values must be a non-empty list, got lr = 0.001"):
+        load_recipe("tweets-minilm", ["train.unipt.sweep={lr=1e-3}"])
+    with pytest.raises(ValueError, match=r"sweep run 'unipt@model.reduction=0': reduction must be >= 1"):
+        load_recipe("tweets-minilm", ['train.unipt.sweep={"model.reduction"=[2, 0]}'])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sweeep'\] in \[train.unipt\]; valid keys: .*'sweep'"):
+        load_recipe("tweets-minilm", ["train.unipt.sweeep={lr=[1e-3]}"])
+    with pytest.raises(ValueError, match=r"\[train.a\] makes run\(s\) \['a@seed=1'\] that another"):
+        build_recipe({"train": {"a@seed=1": {}, "a": {"sweep": {"seed": [1]}}}})
+
+
+SWEEP_RECIPE = """
+name = "tiny-sweep"
+store = "{store}"
+workdir = "{workdir}"
+
+[source]
+path = "unused.csv"
+
+[backbone]
+model = "{workdir}/no-backbone-needed"
+
+[loader]
+mode = "memory"
+background = "off"
+
+[train.unipt]
+epochs = 2
+batch_size = 8
+device = "cpu"
+data_seed = 0
+sweep = {{ lr = [1e-3, 2e-2], seed = [0, 1, 2] }}
+
+[train.probe]
+method = "linear_probe"
+lr = 1e-2
+epochs = 1
+batch_size = 16
+device = "cpu"
+"""
+
+
+def test_train_stage_trains_compatible_runs_in_one_pass_and_ranks_them(tmp_path, monkeypatch):
+    from conftest import write_tiny_store
+
+    from unipt.pipelines import _stages
+
+    store = write_tiny_store(str(tmp_path / "store.zarr"))
+    path = tmp_path / "tiny-sweep.toml"
+    path.write_text(SWEEP_RECIPE.format(store=store.url, workdir=tmp_path / "work"))
+    recipe = load_recipe(str(path))
+    passes = []
+    fit_many = _stages.fit_many
+    monkeypatch.setattr(_stages, "fit_many", lambda runs, *a, **k: passes.append(list(runs)) or fit_many(runs, *a, **k))
+
+    results = train_stage(recipe, progress=False)
+    assert [r.name for r in results] == list(recipe.train)  # recipe order
+    assert [len(p) for p in passes] == [6, 1]  # the probe's batch size differs: a pass of its own
+    assert {r.runs_in_pass for r in results} == {6, 1}
+    table = results_table(results)
+    eval_accuracy = [float(line.split("|")[6]) for line in table.splitlines()[2:9]]
+    assert eval_accuracy == sorted(eval_accuracy, reverse=True)  # ranked by eval accuracy
+    assert "Runs trained in one pass over the store share its time" in table
+    assert "| unipt@lr=0.001 (3 seeds) " in table and "| unipt@lr=0.02 (3 seeds) " in table and "0, 1, 2" in table
+    accuracies = [r.test_metrics["accuracy"] for r in results if r.config["lr"] == 0.02]
+    mean, std = sum(accuracies) / 3, (sum((a - sum(accuracies) / 3) ** 2 for a in accuracies) / 2) ** 0.5
+    assert f"{mean:.4f} ± {std:.4f}" in table
+    write_report(recipe, results, None)
+    summary = json.loads((tmp_path / "work" / "summary.json").read_text())
+    assert summary["runs"][0]["config"]["data_seed"] == 0 and summary["runs"][0]["runs_in_pass"] == 6
+
+    # --separate: one pass per run, the same numbers; a section name picks its runs
+    passes.clear()
+    separate = train_stage(replace(recipe, workdir=str(tmp_path / "separate")), ["unipt"], separate=True,
+                           progress=False)
+    assert [len(p) for p in passes] == [1] * 6 and [r.name for r in separate] == list(recipe.train)[:6]
+    for a, b in zip(results, separate):
+        assert a.test_metrics == b.test_metrics and a.eval_metrics == b.eval_metrics and b.runs_in_pass == 1
