@@ -10,8 +10,9 @@ validation tweets unless --full), for every method and seed:
 
 Each (method, seed) runs in a fresh Python process, so memory is measured the same way for all: peak RSS of
 that process above its idle RSS (measured after imports, before any model or data is loaded); on a GPU,
-``torch.cuda.max_memory_allocated``. Cached runs use the streaming loader (a few decoded parts resident, the
-way a store larger than RAM is read), so the feature store's size is not counted as training memory. Time
+``torch.cuda.max_memory_allocated``. Cached runs use the streaming loader with a 1,024-example shuffle buffer
+(a few decoded parts resident, the way a store larger than RAM is read), so the size of the whole feature
+store is not counted as training memory; what the loader holds is. Time
 per epoch counts training steps only (evaluation excluded). The one-time extraction is timed separately.
 
     python benchmarks/bench_compare.py                      # 3 seeds, prints a Markdown section
@@ -79,7 +80,7 @@ def run_one(name: str, seed: int, store: str, overrides: list[str], out: str) ->
         torch.cuda.reset_peak_memory_stats()
     if kind == "cached":
         result = fit(f"{fields['method']}-{seed}", FeatureStore.open(store), config, out,
-                     loader_config=LoaderConfig(mode="stream"), progress=False)
+                     loader_config=LoaderConfig(mode="stream", shuffle_buffer=1024), progress=False)
         epoch_seconds = [h["epoch_seconds"] for h in result.history]
     else:
         result = fit_online(f"{fields['method']}-{seed}", recipe.source, recipe.backbone, config, progress=False)
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/bench-compare")
     parser.add_argument("--write", metavar="MARKDOWN", help="replace this benchmark's section in that file")
     parser.add_argument("--plot", metavar="SVG", help="write the accuracy-vs-memory plot there")
+    parser.add_argument("--resume", action="store_true", help="keep the runs (and store) a previous call finished")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "SEED", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -148,12 +150,19 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     workdir.mkdir(parents=True, exist_ok=True)
-    store, extraction = extract(workdir, overrides)
+    saved = workdir / "compare.json"  # every finished run, so an interrupted benchmark can --resume
+    previous = json.loads(saved.read_text()) if args.resume and saved.exists() else None
+    if previous is not None and previous.get("full") == args.full:
+        store, extraction, results = str(workdir / "features.zarr"), previous["extraction"], previous["runs"]
+    else:
+        store, extraction = extract(workdir, overrides)
+        results = []
     print(f"extraction: {extraction['seconds']:.1f}s", file=sys.stderr)
-    results = []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     for name in args.methods:
         for seed in range(args.seeds):
+            if any(r["name"] == name and r["seed"] == seed for r in results):
+                continue
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, __file__, "--one", name, str(seed), store,
                                    "--workdir", str(workdir), *(["--full"] if args.full else [])],
@@ -161,9 +170,9 @@ def main() -> None:
             if done.returncode != 0:
                 raise SystemExit(f"{name} seed {seed} failed:\n{done.stderr[-4000:]}")
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            saved.write_text(json.dumps({"full": args.full, "extraction": extraction, "runs": results}, indent=2))
             print(f"{name} seed {seed}: acc {results[-1]['test_accuracy']:.4f} "
                   f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    (workdir / "compare.json").write_text(json.dumps({"extraction": extraction, "runs": results}, indent=2))
 
     rows = []
     for name in args.methods:
@@ -184,7 +193,7 @@ def main() -> None:
         f"mean ± std over {args.seeds} seeds; batch size 32. Command: `python benchmarks/bench_compare.py "
         f"--seeds {args.seeds}{' --full' if args.full else ''} --write docs/benchmarks.md --plot "
         f"docs/accuracy-vs-memory.svg`. Memory: {rows[0]['memory']} of a fresh process per run (cached runs "
-        "stream the store). Time per epoch: training steps only.",
+        "stream the store, 1,024-example shuffle buffer). Time per epoch: training steps only.",
         "",
         f"One-time extraction (backbone forward over {sum(n.values())} tweets, float16 + lz4 store): "
         f"{extraction['seconds']:.1f} s ({extraction['examples_per_s']:.0f} examples/s).",

@@ -49,6 +49,7 @@ class ExtractSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # bad source rows left out, by reason
     truncated: dict[str, int] = field(default_factory=dict)  # per split: examples cut to max_length
     seconds: float = 0.0
+    read_seconds: float = 0.0  # reading, validating, deduplicating and splitting the source
     tokenize_seconds: float = 0.0
     forward_seconds: float = 0.0
     write_seconds: float = 0.0  # busy time of the background writer (overlaps the forward pass)
@@ -67,7 +68,8 @@ class ExtractSummary:
         others = f", {self.parts_by_others} written by another run" if self.parts_by_others else ""
         text = (f"extracted {n} examples ({t} tokens) into {self.parts_written} parts, {self.parts_skipped} parts "
                 f"already committed{others}; {self.seconds:.1f}s = {self.examples_per_s:.0f} examples/s, "
-                f"{self.tokens_per_s:.0f} tokens/s (tokenize {self.tokenize_seconds:.1f}s, forward "
+                f"{self.tokens_per_s:.0f} tokens/s (read source {self.read_seconds:.1f}s, tokenize "
+                f"{self.tokenize_seconds:.1f}s, forward "
                 f"{self.forward_seconds:.1f}s, writer busy {self.write_seconds:.1f}s, waited on writer "
                 f"{self.write_wait_seconds:.1f}s)")
         if self.skipped:
@@ -193,6 +195,7 @@ def run_extraction(
     """
     started = time.perf_counter()
     data = data or load_source(source)
+    read_seconds = time.perf_counter() - started
     splits = list(config.splits or data.splits)
     unknown = sorted(set(splits) - set(data.splits))
     if unknown:
@@ -205,7 +208,7 @@ def run_extraction(
         compression=config.compression, storage_options=storage_options,
     )
     run_id = new_run_id()
-    summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})))
+    summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})), read_seconds=read_seconds)
     if data.skipped:
         with store.claims(run_id, config.claim_ttl) as claims:
             if claims.acquire(SKIPPED, "records"):  # else another run started together is writing them
@@ -227,7 +230,7 @@ def run_extraction(
                                      claim_ttl=config.claim_ttl, storage_options=storage_options,
                                      progress=progress)
         distributed.parts_skipped += summary.parts_skipped
-        distributed.skipped = summary.skipped
+        distributed.skipped, distributed.read_seconds = summary.skipped, read_seconds
         distributed.seconds = time.perf_counter() - started
         return distributed
     total = sum(len(t.examples) for t in tasks)

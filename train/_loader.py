@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from unipt.store import FeatureStore, PartData, StoreError, bytes_per_token, dequantize
+from unipt.store import FeatureStore, PartData, PartInfo, StoreError, bytes_per_token, dequantize
 
 from .config import LoaderConfig
 
@@ -127,7 +127,7 @@ class ActivationLoader:
     def _memory_batches(self, rng: np.random.Generator) -> Iterator[list[_Ref]]:
         if self._resident is None:
             with ThreadPoolExecutor(self.config.decode_threads) as pool:
-                self._resident = list(pool.map(self._read, self.parts))
+                self._resident = [_concatenate(list(pool.map(self._read, self.parts)))]
         refs = [(part, i) for part in self._resident for i in range(part.info.n_examples)]
         if self.shuffle:
             refs = [refs[i] for i in rng.permutation(len(refs))]
@@ -181,6 +181,20 @@ class ActivationLoader:
         lengths = np.array([part.length[i] for part, i in refs], dtype=np.int64)
         b, n = len(refs), int(lengths.max())
         mask = torch.arange(n)[None, :] < torch.from_numpy(lengths)[:, None]  # (B, N)
+        labels = torch.tensor([int(part.label[i]) for part, i in refs], dtype=torch.int64)
+        ids = [str(part.example_id[i]) for part, i in refs]
+        if isinstance(refs[0][0], _Resident):  # memory mode: one gather per layer, padding from the zero row
+            resident = refs[0][0]
+            starts = resident.offsets[np.array([i for _, i in refs])]
+            index = torch.from_numpy(starts[:, None] + np.arange(n)[None, :])  # (B, N) token rows
+            index = index.masked_fill_(~mask, resident.padding_row).view(-1)
+            hidden = []
+            for layer in self.layers:
+                scale = resident.scales.get(layer)
+                rows = dequantize(resident.layers[layer].index_select(0, index),
+                                  None if scale is None else scale.index_select(0, index), self.dtype)
+                hidden.append((rows.pin_memory() if self.pin_memory else rows).view(b, n, -1))
+            return Batch(hidden, mask, labels, ids)
         # Token rows to gather, grouped by part: source rows in the part's CSR arrays, destination rows in
         # the flattened (B * N) batch. Then one gather + scatter per part and layer, instead of a copy per
         # example and layer (the Python loop runs once per batch, not once per layer).
@@ -201,9 +215,36 @@ class ActivationLoader:
                                   None if scale is None else scale.index_select(0, src), self.dtype)
                 out.index_copy_(0, dst, rows)
             hidden.append(out.view(b, n, width))
-        labels = torch.tensor([int(part.label[i]) for part, i in refs], dtype=torch.int64)
-        ids = [str(part.example_id[i]) for part, i in refs]
         return Batch(hidden, mask, labels, ids)
+
+
+@dataclass
+class _Resident(PartData):
+    """A whole split decoded into one part, each layer with one extra all-zero row at ``padding_row``:
+    a padded batch is then one gather per layer (padding positions gather the zero row). Measured against
+    the per-part gather + scatter (a batch of 32 drew from ~8 parts): UniPT r = 8 on MiniLM tweets went from
+    0.84 to 0.93 of its speed on pre-padded tensors (r = 2: 0.92 either way)."""
+
+    padding_row: int = 0
+
+
+def _concatenate(parts: list[PartData]) -> _Resident:
+    """The decoded parts of a split as one :class:`_Resident` part (see there)."""
+    first = parts[0].info
+    lengths = np.concatenate([p.length for p in parts])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    info = PartInfo(first.split, "resident", len(lengths), total, 0, len(lengths))
+
+    def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([*tensors, tensors[0].new_zeros((1, *tensors[0].shape[1:]))])
+
+    layers = {layer: stacked([p.layers[layer] for p in parts]) for layer in parts[0].layers}
+    scales = {layer: stacked([p.scales[layer] for p in parts]) for layer in parts[0].scales}
+    return _Resident(info=info, example_id=np.concatenate([p.example_id for p in parts]),
+                     label=np.concatenate([p.label for p in parts]), length=lengths, offsets=offsets,
+                     layers=layers, scales=scales, padding_row=total)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
