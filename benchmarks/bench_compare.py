@@ -15,6 +15,7 @@ that process above its idle RSS (measured after imports, before any model or dat
 store is not counted as training memory; what the loader holds is. Time
 per epoch counts training steps only (evaluation excluded). The one-time extraction is timed separately.
 
+    pip install -e ".[bench]"                               # matplotlib, for --plot
     python benchmarks/bench_compare.py                      # 3 seeds, prints a Markdown section
     python benchmarks/bench_compare.py --write docs/benchmarks.md --plot docs/accuracy-vs-memory.svg
 """

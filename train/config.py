@@ -77,7 +77,9 @@ class LoaderConfig:
     memory_budget_gb: float = 4.0
     """Decoded bytes of the selected layers that "auto" is willing to keep resident."""
     shuffle_buffer: int = 8192
-    """Examples mixed across parts in stream mode (larger = closer to a full shuffle)."""
+    """Examples mixed across parts in stream mode (larger = closer to a full shuffle). Measured with 16 parts
+    of 32 and batches of 16: a buffer of one part puts ~3 parts into each batch, four parts ~7, the whole split
+    ~10 (a uniform shuffle: ~10.3). Part order is reshuffled every epoch either way."""
     bucket_batches: int = 50
     """Batches per window that is sorted by length before batching (less padding, still shuffled)."""
     prefetch_parts: int = 2
