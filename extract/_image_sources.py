@@ -42,17 +42,15 @@ from ._sources import (
     _BadSample,
     _count_reasons,
     _csv_rows,
-    _cumulative,
-    _hash_subset,
     _json_fields,
     _jsonl_rows,
     _label_names,
     _sample_value,
     _tar_samples,
-    hash_unit,
+    assign_splits,
     webdataset_shards,
 )
-from .config import BAD_INPUT_POLICIES
+from .config import BAD_INPUT_POLICIES, check_split_rules
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +121,7 @@ class ImageSourceConfig:
             raise ValueError(f"source.bad_input must be one of {BAD_INPUT_POLICIES}, got {self.bad_input!r}")
         if self.format not in IMAGE_SOURCE_FORMATS:
             raise ValueError(f"source.format must be one of {IMAGE_SOURCE_FORMATS}, got {self.format!r}")
-        if self.split_column is None:
-            total = sum(self.splits.values())
-            if not self.splits or abs(total - 1.0) > 1e-6 or min(self.splits.values()) <= 0:
-                raise ValueError(f"source.splits must be positive fractions summing to 1, got {self.splits}")
-        for split, n in self.max_examples.items():
-            if n < 1:
-                raise ValueError(f"source.max_examples[{split!r}] must be >= 1, got {n}")
+        check_split_rules(self.splits, self.split_column, self.max_examples)
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,21 +258,10 @@ def load_image_source(config: ImageSourceConfig) -> SourceData:
     else:
         label_names = _label_names([r[2] for r in records]) if labelled else []
         label_index = {name: i for i, name in enumerate(label_names)}
-    cuts = _cumulative(config.splits)
-    splits: dict[str, list[ImageExample]] = {}
-    for example_id, image, label, split, number, origin in records:
-        if split is None:
-            u = hash_unit(example_id, "split")
-            split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
-        label_id = label_index[str(label)] if labelled else -1
-        splits.setdefault(split, []).append(ImageExample(example_id, image, label_id, number, origin))
-    for name in splits:
-        if name.startswith("_"):
-            raise ValueError(f"split name {name!r} starts with '_', which the store reserves for its own records")
-    for name, cap in config.max_examples.items():
-        if name not in splits:
-            raise ValueError(f"source.max_examples names split {name!r}; the source has {sorted(splits)}")
-        splits[name] = _hash_subset(splits[name], cap)
+    splits = assign_splits(((split, ImageExample(example_id, image, label_index[str(label)] if labelled else -1,
+                                                 number, origin))
+                            for example_id, image, label, split, number, origin in records),
+                           config.splits, config.max_examples)
     stats = {"rows": len(records) + dropped + len(skipped), "duplicate_images": duplicates,
              "duplicates_dropped": dropped, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}, "format": opened.format, **opened.stats}

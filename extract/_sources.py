@@ -16,7 +16,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ._resolve import resolve_path
 from .config import SourceConfig
@@ -165,21 +165,8 @@ def load_source(config: SourceConfig) -> SourceData:
 
     label_names = _label_names([r[2] for r in records]) if config.label_column else []
     label_index = {name: i for i, name in enumerate(label_names)}
-    cuts = _cumulative(config.splits)
-    splits: dict[str, list[Example]] = {}
-    for example_id, text, label, split in records:
-        if split is None:
-            u = hash_unit(example_id, "split")
-            split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
-        label_id = label_index[str(label)] if config.label_column else -1
-        splits.setdefault(split, []).append(Example(example_id, text, label_id))
-    for name in splits:
-        if name.startswith("_"):
-            raise ValueError(f"split name {name!r} starts with '_', which the store reserves for its own records")
-    for name, cap in config.max_examples.items():
-        if name not in splits:
-            raise ValueError(f"source.max_examples names split {name!r}; the source has {sorted(splits)}")
-        splits[name] = _hash_subset(splits[name], cap)
+    splits = assign_splits(((split, Example(example_id, text, label_index[str(label)] if config.label_column else -1))
+                            for example_id, text, label, split in records), config.splits, config.max_examples)
     stats = {"rows": len(records) + duplicates + len(skipped), "duplicates_dropped": duplicates,
              "label_conflicts": conflicts, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}}
@@ -230,6 +217,27 @@ def _count_reasons(skipped: list[Skipped]) -> dict[str, int]:
     for s in skipped:
         counts[s.reason] = counts.get(s.reason, 0) + 1
     return counts
+
+
+def assign_splits(examples: Iterable[tuple[str | None, Any]], fractions: dict[str, float],
+                  max_examples: dict[str, int]) -> dict[str, list[Any]]:
+    """Examples (each with an ``id``) grouped by split: the source's own split when it names one, else the
+    split its id hashes to; then each split capped by a hash-drawn subset. Order within a split is kept."""
+    cuts = _cumulative(fractions)
+    splits: dict[str, list[Any]] = {}
+    for split, example in examples:
+        if split is None:
+            u = hash_unit(example.id, "split")
+            split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
+        splits.setdefault(split, []).append(example)
+    for name in splits:
+        if name.startswith("_"):
+            raise ValueError(f"split name {name!r} starts with '_', which the store reserves for its own records")
+    for name, cap in max_examples.items():
+        if name not in splits:
+            raise ValueError(f"source.max_examples names split {name!r}; the source has {sorted(splits)}")
+        splits[name] = _hash_subset(splits[name], cap)
+    return splits
 
 
 def _label_names(labels: list[Any]) -> list[str]:

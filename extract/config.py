@@ -10,6 +10,17 @@ SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf", "webdataset")
 AUTOCAST = ("auto", "float16", "bfloat16", "off")
 
 
+def check_split_rules(splits: dict[str, float], split_column: str | None, max_examples: dict[str, int]) -> None:
+    """The split fractions and caps every source config takes (text or image)."""
+    if split_column is None:
+        total = sum(splits.values())
+        if not splits or abs(total - 1.0) > 1e-6 or min(splits.values()) <= 0:
+            raise ValueError(f"source.splits must be positive fractions summing to 1, got {splits}")
+    for split, n in max_examples.items():
+        if n < 1:
+            raise ValueError(f"source.max_examples[{split!r}] must be >= 1, got {n}")
+
+
 @dataclass
 class SourceConfig:
     path: str = ""
@@ -49,13 +60,7 @@ class SourceConfig:
             raise ValueError(f"source.bad_input must be one of {BAD_INPUT_POLICIES}, got {self.bad_input!r}")
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"source.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
-        if self.split_column is None:
-            total = sum(self.splits.values())
-            if not self.splits or abs(total - 1.0) > 1e-6 or min(self.splits.values()) <= 0:
-                raise ValueError(f"source.splits must be positive fractions summing to 1, got {self.splits}")
-        for split, n in self.max_examples.items():
-            if n < 1:
-                raise ValueError(f"source.max_examples[{split!r}] must be >= 1, got {n}")
+        check_split_rules(self.splits, self.split_column, self.max_examples)
 
 
 @dataclass

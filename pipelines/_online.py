@@ -197,10 +197,7 @@ ONLINE_METHODS: dict[str, OnlineMethod] = {
 
 
 def get_online_method(name: str) -> OnlineMethod:
-    try:
-        return ONLINE_METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown online method {name!r}; available: {sorted(ONLINE_METHODS)}") from None
+    return get_method(name, ONLINE_METHODS, "online method")
 
 
 def build_online_model(config: TrainConfig, encoder: TextEncoder, num_labels: int) -> nn.Module:

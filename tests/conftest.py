@@ -110,3 +110,44 @@ def write_tiny_store(url: str, widths=(16, 16, 16), sizes=(("train", 60), ("vali
         writer.finish([f"{split}-{k:03d}" for k in range(n)], labels, lengths)
         start += n
     return FeatureStore.open(url)
+
+
+STORE_RECIPE_HEADER = """
+name = "{name}"
+store = "{store}"
+workdir = "{workdir}"
+
+[source]
+path = "unused.csv"
+
+[backbone]
+model = "{workdir}/no-backbone-needed"
+
+[loader]
+mode = "memory"
+background = "off"
+"""
+
+
+def write_store_recipe(path: Path, store_url: str, workdir: Path, train: str) -> Path:
+    """A recipe file at ``path`` that trains the ``[train.*]`` sections in ``train`` from an existing store;
+    its source and backbone are never read (training needs only the store)."""
+    path.write_text(STORE_RECIPE_HEADER.format(name=path.stem, store=store_url, workdir=workdir) + train)
+    return path
+
+
+def assert_checkpoint_rebuilds(config, store: FeatureStore, checkpoint: str, test_metrics: dict, loader_config):
+    """The checkpoint, reloaded, equals the model built from ``config`` holding the saved weights (logits
+    on the test split, bit for bit) and scores the test split as training reported."""
+    from safetensors.torch import load_file
+
+    from unipt.train import ActivationLoader, build_model, evaluate, load_checkpoint
+
+    loaded, _ = load_checkpoint(checkpoint)
+    rebuilt, _, layers = build_model(config, store)
+    rebuilt.load_state_dict(load_file(f"{checkpoint}/model.safetensors"))
+    loader = ActivationLoader(store, "test", layers, batch_size=64, shuffle=False, config=loader_config)
+    batch = next(iter(loader))
+    torch.testing.assert_close(loaded.eval()(batch.hidden_states, batch.mask),
+                               rebuilt.eval()(batch.hidden_states, batch.mask), atol=0, rtol=0)
+    assert evaluate(loaded, loader, torch.device("cpu"), len(store.label_names)) == test_metrics

@@ -35,11 +35,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, registry: Mapping[str, Method] = METHODS, what: str = "method") -> Method:
+    """``registry[name]``; an unknown name is refused with the available ones."""
     try:
-        return METHODS[name]
+        return registry[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
+        raise ValueError(f"unknown {what} {name!r}; available: {sorted(registry)}") from None
 
 
 def resolve_layers(selection: str | Sequence[int], stored: Sequence[int]) -> list[int]:

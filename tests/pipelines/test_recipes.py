@@ -202,27 +202,13 @@ def test_unknown_sweep_keys_and_bad_sweeps_are_refused():
         build_recipe({"train": {"a@seed=1": {}, "a": {"sweep": {"seed": [1]}}}})
 
 
-SWEEP_RECIPE = """
-name = "tiny-sweep"
-store = "{store}"
-workdir = "{workdir}"
-
-[source]
-path = "unused.csv"
-
-[backbone]
-model = "{workdir}/no-backbone-needed"
-
-[loader]
-mode = "memory"
-background = "off"
-
+SWEEP_TRAIN = """
 [train.unipt]
 epochs = 2
 batch_size = 8
 device = "cpu"
 data_seed = 0
-sweep = {{ lr = [1e-3, 2e-2], seed = [0, 1, 2] }}
+sweep = { lr = [1e-3, 2e-2], seed = [0, 1, 2] }
 
 [train.probe]
 method = "linear_probe"
@@ -234,13 +220,12 @@ device = "cpu"
 
 
 def test_train_stage_trains_compatible_runs_in_one_pass_and_ranks_them(tmp_path, monkeypatch):
-    from conftest import write_tiny_store
+    from conftest import write_store_recipe, write_tiny_store
 
     from unipt.pipelines import _stages
 
     store = write_tiny_store(str(tmp_path / "store.zarr"))
-    path = tmp_path / "tiny-sweep.toml"
-    path.write_text(SWEEP_RECIPE.format(store=store.url, workdir=tmp_path / "work"))
+    path = write_store_recipe(tmp_path / "tiny-sweep.toml", store.url, tmp_path / "work", SWEEP_TRAIN)
     recipe = load_recipe(str(path))
     passes = []
     fit_many = _stages.fit_many

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from conftest import randomise_params, write_tiny_store
+from conftest import assert_checkpoint_rebuilds, randomise_params, write_store_recipe, write_tiny_store
 from unipt.pipelines import build_recipe, load_recipe, train_stage
 from unipt.store import FeatureStore
-from unipt.train import (LST, ActivationLoader, LoaderConfig, LSTClassifier, LSTConfig, TrainConfig, build_model,
-                         evaluate, fit, get_method, load_checkpoint, save_checkpoint)
+from unipt.train import (LST, LoaderConfig, LSTClassifier, LSTConfig, TrainConfig, fit, get_method, load_checkpoint,
+                         save_checkpoint)
 
 WIDTHS = (12, 20, 7, 16)  # layers of different widths; D = 16 (the last), r = 2 -> side width 8
 LOADER = LoaderConfig(mode="memory", background="off")
@@ -267,43 +266,22 @@ def test_fit_reduces_loss_and_checkpoint_reloads(tiny_store, tmp_path):
     loaded, meta = load_checkpoint(result.checkpoint)
     assert meta["method"] == "lst" and meta["layers"] == [0, 1, 2] and meta["model"]["num_heads"] == 2
     assert not torch.allclose(loaded.side.gates(), torch.full((2,), 0.5))  # the trained gates were saved
-    rebuilt, _, layers = build_model(config, tiny_store)
-    rebuilt.load_state_dict(load_file(f"{result.checkpoint}/model.safetensors"))
-    loader = ActivationLoader(tiny_store, "test", layers, batch_size=64, shuffle=False, config=LOADER)
-    batch = next(iter(loader))
-    torch.testing.assert_close(loaded.eval()(batch.hidden_states, batch.mask),
-                               rebuilt.eval()(batch.hidden_states, batch.mask), atol=0, rtol=0)
-    assert evaluate(loaded, loader, torch.device("cpu"), 3) == result.test_metrics
+    assert_checkpoint_rebuilds(config, tiny_store, result.checkpoint, result.test_metrics, LOADER)
 
 
-RECIPE_TOML = """
-name = "tiny-lst"
-store = "{store}"
-workdir = "{workdir}"
-
-[source]
-path = "unused.csv"
-
-[backbone]
-model = "{workdir}/no-backbone-needed"
-
-[loader]
-mode = "memory"
-background = "off"
-
+RECIPE_TRAIN = """
 [train.lst]
 method = "lst"
 lr = 1e-3
 epochs = 1
 batch_size = 8
 device = "cpu"
-model = {{ reduction = 8, num_heads = 4 }}
+model = { reduction = 8, num_heads = 4 }
 """
 
 
 def test_a_recipe_with_an_lst_run_trains_one_epoch(tiny_store, tmp_path):
-    path = tmp_path / "tiny-lst.toml"
-    path.write_text(RECIPE_TOML.format(store=tiny_store.url, workdir=tmp_path / "work"))
+    path = write_store_recipe(tmp_path / "tiny-lst.toml", tiny_store.url, tmp_path / "work", RECIPE_TRAIN)
     recipe = load_recipe(str(path))
     assert recipe.train["lst"].method == "lst" and recipe.train["lst"].model == {"reduction": 8, "num_heads": 4}
     (result,) = train_stage(recipe, progress=False)

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import randomise_params, write_tiny_store
+from conftest import assert_checkpoint_rebuilds, randomise_params, write_store_recipe, write_tiny_store
 from unipt.pipelines import build_recipe, load_recipe, train_stage
 from unipt.store import FeatureStore
-from unipt.train import (ActivationLoader, LoaderConfig, ScalarMix, ScalarMixConfig, TrainConfig, build_model, evaluate,
-                         fit, get_method, load_checkpoint, save_checkpoint)
+from unipt.train import (LoaderConfig, ScalarMix, ScalarMixConfig, TrainConfig, fit, get_method, load_checkpoint,
+                         save_checkpoint)
 
 WIDTH = 12
 N_LAYERS = 4
@@ -205,44 +204,22 @@ def test_fit_reduces_loss_and_checkpoint_reloads(tiny_store, tmp_path):
     assert meta["method"] == "scalar_mix" and meta["layers"] == [0, 1, 2] and meta["epoch"] == result.best_epoch
     # the trained mix moved off uniform, and was saved
     assert not torch.allclose(loaded.layer_weights(), torch.full((3,), 1 / 3))
-    # rebuilt from config.json == built from the TrainConfig, holding the same weights
-    rebuilt, _, layers = build_model(config, tiny_store)
-    rebuilt.load_state_dict(load_file(f"{result.checkpoint}/model.safetensors"))
-    loader = ActivationLoader(tiny_store, "test", layers, batch_size=64, shuffle=False, config=LOADER)
-    batch = next(iter(loader))
-    torch.testing.assert_close(loaded.eval()(batch.hidden_states, batch.mask),
-                               rebuilt.eval()(batch.hidden_states, batch.mask), atol=0, rtol=0)
-    assert evaluate(loaded, loader, torch.device("cpu"), 3) == result.test_metrics
+    assert_checkpoint_rebuilds(config, tiny_store, result.checkpoint, result.test_metrics, LOADER)
 
 
-RECIPE_TOML = """
-name = "tiny-scalar-mix"
-store = "{store}"
-workdir = "{workdir}"
-
-[source]
-path = "unused.csv"
-
-[backbone]
-model = "{workdir}/no-backbone-needed"
-
-[loader]
-mode = "memory"
-background = "off"
-
+RECIPE_TRAIN = """
 [train.mix]
 method = "scalar_mix"
 lr = 1e-2
 epochs = 1
 batch_size = 8
 device = "cpu"
-model = {{ layers = [0, -1], normalize = true }}
+model = { layers = [0, -1], normalize = true }
 """
 
 
 def test_a_recipe_with_a_scalar_mix_run_trains_one_epoch(tiny_store, tmp_path):
-    path = tmp_path / "tiny-scalar-mix.toml"
-    path.write_text(RECIPE_TOML.format(store=tiny_store.url, workdir=tmp_path / "work"))
+    path = write_store_recipe(tmp_path / "tiny-scalar-mix.toml", tiny_store.url, tmp_path / "work", RECIPE_TRAIN)
     recipe = load_recipe(str(path))
     assert recipe.train["mix"].method == "scalar_mix" and recipe.train["mix"].model["layers"] == [0, -1]
     (result,) = train_stage(recipe, progress=False)
