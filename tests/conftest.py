@@ -82,6 +82,20 @@ def encoder(backbone):
     return TextEncoder(backbone)
 
 
+def ragged_mask(lengths, n=None) -> torch.Tensor:
+    """(B, N) bool mask of examples with these lengths, padded to ``n`` (default: the longest)."""
+    n = n or max(lengths)
+    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def random_hidden(lengths, widths, n=None, seed=0, dtype=torch.float32):
+    """Random hidden states (one (B, N, D_l) tensor per width, scale 2) and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    mask = ragged_mask(lengths, n)
+    hs = [torch.randn(len(lengths), mask.shape[1], d, generator=g, dtype=dtype) * 2 for d in widths]
+    return hs, mask
+
+
 def randomise_params(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
     """Move every parameter off its default init (unit gates and weights, LayerNorm 1 / 0 hide bugs)."""
     g = torch.Generator().manual_seed(seed)

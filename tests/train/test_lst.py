@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_checkpoint_rebuilds, randomise_params, write_store_recipe, write_tiny_store
+from conftest import assert_checkpoint_rebuilds, random_hidden, randomise_params, write_store_recipe, write_tiny_store
 from unipt.pipelines import build_recipe, load_recipe, train_stage
 from unipt.store import FeatureStore
 from unipt.train import (LST, LoaderConfig, LSTClassifier, LSTConfig, TrainConfig, fit, get_method, load_checkpoint,
@@ -70,16 +70,8 @@ def reference_lst(model: LSTClassifier, hidden_states, mask) -> tuple[torch.Tens
 
 
 # --------------------------------------------------------------------------- helpers
-def ragged_mask(lengths, n=None) -> torch.Tensor:
-    n = n or max(lengths)
-    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-
-
 def random_inputs(lengths, widths=WIDTHS, n=None, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    mask = ragged_mask(lengths, n)
-    hs = [torch.randn(len(lengths), mask.shape[1], d, generator=g, dtype=dtype) * 2 for d in widths]
-    return hs, mask
+    return random_hidden(lengths, widths, n, seed, dtype)
 
 
 def make_lst(widths=WIDTHS, seed=0, labels=3, **config) -> LSTClassifier:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_checkpoint_rebuilds, randomise_params, write_store_recipe, write_tiny_store
+from conftest import assert_checkpoint_rebuilds, ragged_mask, randomise_params, write_store_recipe, write_tiny_store
 from unipt.pipelines import build_recipe, load_recipe, train_stage
 from unipt.store import FeatureStore
 from unipt.train import (LoaderConfig, ScalarMix, ScalarMixConfig, TrainConfig, fit, get_method, load_checkpoint,
@@ -40,11 +40,6 @@ def reference_scalar_mix(model: ScalarMix, hidden_states, mask) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- helpers
-def ragged_mask(lengths, n=None) -> torch.Tensor:
-    n = n or max(lengths)
-    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-
-
 def random_inputs(lengths, n_layers=N_LAYERS, width=WIDTH, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     mask = ragged_mask(lengths)

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
+from conftest import random_hidden
 from unipt.train import UniPT, UniPTClassifier, UniPTConfig
 
 WIDTHS = (12, 7, 20, 16)  # layers of different widths; the last (16) is the anchor
@@ -63,24 +65,12 @@ def reference_unipt(model: UniPT, hidden_states, mask, *, return_parts: bool = F
 
 
 # --------------------------------------------------------------------------- helpers
-def ragged_mask(lengths, n=None) -> torch.Tensor:
-    n = n or max(lengths)
-    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-
-
 def random_inputs(lengths, widths=WIDTHS, n=None, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    mask = ragged_mask(lengths, n)
-    hs = [torch.randn(len(lengths), mask.shape[1], d, generator=g, dtype=dtype) * 2 for d in widths]
-    return hs, mask
+    return random_hidden(lengths, widths, n, seed, dtype)
 
 
 def randomise_params(module: torch.nn.Module, seed: int = 0) -> None:
-    """Move every parameter off its default init (LayerNorm weight 1 / bias 0 hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    conftest.randomise_params(module, seed, scale=0.3)
 
 
 def make_model(widths=WIDTHS, seed=0, **kwargs) -> UniPT:
