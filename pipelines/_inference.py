@@ -33,7 +33,7 @@ from unipt.extract import (
     load_source,
     resolve_model_dir,
 )
-from unipt.store import STORAGE_DTYPES, FeatureStore, StoreError, ValueRangeError, check_provenance
+from unipt.store import STORAGE_DTYPES, FeatureStore, StoreError, ValueRangeError, check_provenance, round_trip
 from unipt.train import check_store_matches, load_checkpoint
 
 _HASH_FIELDS = ("weights_sha256", "tokenizer_sha256")
@@ -143,28 +143,11 @@ class SideNetworkPredictor(nn.Module):
 
     def _as_stored(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Hidden states (B, N, D) -> float32 after the round trip through the store's dtype."""
-        out = round_through_storage(h, self.storage_dtype)
+        out = round_trip(h, self.storage_dtype)
         if not torch.isfinite(out).all():
             raise ValueRangeError(f"hidden state {layer} has values a {self.storage_dtype} store cannot hold "
                                   "(inf/NaN after rounding); extraction would have refused this input too")
         return out
-
-
-def round_through_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Float activations -> float32, rounded as writing them to a ``dtype`` store and reading them back does
-    (store/_dtypes.py ``encode`` then ``dequantize``), for tensors of any shape and on any device."""
-    x = x.float()
-    if dtype == "float32":
-        return x
-    if dtype == "float16":
-        return x.half().float()
-    if dtype == "bfloat16":
-        return x.bfloat16().float()
-    if dtype == "int8":  # per-token absmax: x ≈ q * scale, scale = max|x_row| / 127
-        scale = x.abs().amax(dim=-1) / 127.0  # (..., )
-        q = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
-        return q.to(torch.int8).float() * scale[..., None]
-    raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {STORAGE_DTYPES}")
 
 
 def _inference_record(checkpoint: str | Path, config: Mapping[str, Any],

@@ -52,18 +52,39 @@ def encode(block: torch.Tensor, mode: str, where: str) -> dict[str, np.ndarray]:
             raise ValueRangeError(f"{where} has |value| = {max(-low, high):g}, beyond float16's range "
                                   f"({FLOAT16_MAX:g}); the part was not committed. Re-extract with "
                                   "dtype=bfloat16 (same size, float32's range) or dtype=float32.")
+    values, scale = quantize(block, mode)
+    if mode == "bfloat16":  # Zarr v3 has no bfloat16: store the bits
+        return {"": values.view(torch.int16).numpy().view(np.uint16)}
+    stored = {"": values.contiguous().numpy()}
+    if scale is not None:
+        stored[SCALE_SUFFIX] = scale.numpy()
+    return stored
+
+
+def quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float activations (..., D) -> (the values as stored, in torch; the per-row scale for int8, else None).
+
+    The one definition of each storage dtype's rounding, used to write stores and, through :func:`round_trip`,
+    to feed a side network at inference exactly what it saw from a store; any shape, any device.
+    """
     if mode == "float32":
-        return {"": block.to(torch.float32).contiguous().numpy()}
+        return x.to(torch.float32), None
     if mode == "float16":
-        return {"": block.to(torch.float16).numpy()}
+        return x.to(torch.float16), None
     if mode == "bfloat16":
-        return {"": block.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)}
-    if mode == "int8":
-        x = block.to(torch.float32)
-        scale = x.abs().amax(dim=-1) / 127.0  # (t,)
-        q = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
-        return {"": q.to(torch.int8).numpy(), SCALE_SUFFIX: scale.numpy()}
+        return x.to(torch.bfloat16), None
+    if mode == "int8":  # per-row absmax: x ≈ q * scale, scale = max|x_row| / 127
+        x = x.to(torch.float32)
+        scale = x.abs().amax(dim=-1) / 127.0
+        q = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+        return q.to(torch.int8), scale
     raise ValueError(f"unknown storage dtype {mode!r}; choose one of {STORAGE_DTYPES}")
+
+
+def round_trip(x: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x`` as writing it to a ``mode`` store and reading it back gives it (as float ``dtype``)."""
+    values, scale = quantize(x, mode)
+    return dequantize(values, scale, dtype)
 
 
 def as_tensor(values: np.ndarray, mode: str) -> torch.Tensor:
@@ -77,5 +98,5 @@ def dequantize(rows: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtyp
     """Stored rows (any mode) -> float ``dtype``; int8 rows are multiplied by their per-token scale."""
     out = rows.to(dtype)
     if scale is not None:
-        out.mul_(scale.to(dtype)[:, None])
+        out.mul_(scale.to(dtype)[..., None])
     return out

@@ -12,9 +12,10 @@ import torch
 
 from conftest import LABELS, make_text_csv, make_tiny_bert
 from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, load_source, run_extraction
-from unipt.pipelines._inference import SideNetworkPredictor, read_texts, round_through_storage
+from unipt.pipelines._inference import SideNetworkPredictor, read_texts
 from unipt.pipelines.cli import main
 from unipt.store import STORAGE_DTYPES, FeatureStore, ProvenanceMismatch, dequantize
+from unipt.store import round_trip as round_through_storage
 from unipt.store._dtypes import as_tensor, encode
 from unipt.train import ActivationLoader, TrainConfig, fit, load_checkpoint
 
