@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from unipt.store import FeatureStore, part_key
+from unipt.store import FeatureStore
 from unipt.store._claims import new_run_id
 
 from ._backbone import TextEncoder
@@ -48,7 +48,7 @@ def extract_part_task(backbone: BackboneConfig, store_url: str, task: PartTask, 
     summary = ExtractSummary(store=store_url)
     started = time.perf_counter()
     deferred = False
-    if part_key(task.index) in store.committed(task.split):
+    if store.is_committed(task.split, task.name):
         summary.parts_skipped = 1  # a retry or a concurrent run finished it first
     else:
         encoder = worker_encoder(backbone)

@@ -261,7 +261,7 @@ def extract_claimed_part(encoder: TextEncoder, store: FeatureStore, claims: Clai
     """
     if not claims.acquire(task.split, task.name):
         return False
-    if task.name in store.committed(task.split):  # another run committed it between planning and claiming
+    if store.is_committed(task.split, task.name):  # another run committed it between planning and claiming
         claims.release(task.split, task.name)
         summary.parts_by_others += 1
         if bar is not None:
@@ -285,7 +285,7 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
     while pending:
         still = []
         for task in pending:
-            if task.name in store.committed(task.split):
+            if store.is_committed(task.split, task.name):
                 summary.parts_by_others += 1
                 if bar is not None:
                     bar.update(len(task.examples))

@@ -208,6 +208,11 @@ class FeatureStore:
     def committed(self, split: str) -> set[str]:
         return {p.name for p in self.parts(split)}
 
+    def is_committed(self, split: str, name: str) -> bool:
+        """Whether part ``name`` of ``split`` is committed: one metadata read, not a listing of the split."""
+        group = self._split_group(split, create=False)
+        return group is not None and self._committed_info(group, split, name) is not None
+
     def num_examples(self, split: str) -> int:
         return sum(p.n_examples for p in self.parts(split))
 
