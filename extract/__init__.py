@@ -1,17 +1,21 @@
 """unipt.extract — run a frozen backbone once and write its per-layer activations to a feature store."""
 
-from ._backbone import TextEncoder, backbone_hashes, resolve_model_dir
+from ._backbone import PreparedPart, TextEncoder, backbone_hashes, resolve_model_dir
+from ._image_sources import BadImage, ImageExample, ImagePreprocessor, ImageSourceConfig, decode_image, load_image_source
 from ._resolve import resolve_path
 from ._runner import (
     BackgroundWriter,
     ExtractSummary,
     PartTask,
     extract_part,
+    load_examples,
+    make_encoder,
     plan_parts,
     resolve_extract_layers,
     run_extraction,
 )
 from ._sources import Example, SourceData, hash_unit, load_source, text_id
+from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
 
 __all__ = [
@@ -27,6 +31,16 @@ __all__ = [
     "resolve_model_dir",
     "backbone_hashes",
     "TextEncoder",
+    "VisionEncoder",
+    "PreparedPart",
+    "ImageSourceConfig",
+    "ImageExample",
+    "ImagePreprocessor",
+    "BadImage",
+    "decode_image",
+    "load_image_source",
+    "load_examples",
+    "make_encoder",
     "run_extraction",
     "extract_part",
     "plan_parts",

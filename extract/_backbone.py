@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ._resolve import resolve_path
+from ._resolve import CONVERT_SCHEME, ensure_converted, resolve_path
+from ._sources import Skipped
 from .config import BackboneConfig
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "vocab.json",
+# Everything that turns a raw input into the model's input: a text model's tokenizer files, an image
+# model's processor config (recorded together as "tokenizer_sha256").
+_TOKENIZER_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "vocab.json",
                     "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 def resolve_model_dir(spec: str, revision: str | None = None) -> Path:
-    """A local folder for ``spec``: itself, a pkg:// folder, or the local snapshot of a hub id."""
+    """A local folder for ``spec``: itself, a pkg:// folder, a convert:// folder (converted on first use), or
+    the local snapshot of a hub id."""
+    if spec.startswith(CONVERT_SCHEME):
+        return ensure_converted(spec)
     path = Path(resolve_path(spec))
     if path.is_dir():
         return path
@@ -53,6 +62,32 @@ def backbone_hashes(folder: Path) -> dict[str, str]:
     return {"weights_sha256": files_sha256(folder, weights), "tokenizer_sha256": files_sha256(folder, tokenizer)}
 
 
+@dataclass
+class PreparedPart:
+    """A part's examples made ready for the forward pass (text tokenised, images decoded and processed)."""
+
+    examples: list  # the examples that made it, in source order
+    features: list  # per example: token ids (text) or a (3, H, W) pixel tensor (images)
+    lengths: np.ndarray  # (n,) tokens per example (maps: 1, one row per example)
+    truncated: list[int] = field(default_factory=list)  # positions of examples cut to max_length (text)
+    skipped: list[Skipped] = field(default_factory=list)  # examples found bad while preparing (broken images)
+    seconds: float = 0.0
+
+
+def pick_device(device: str) -> torch.device:
+    """BackboneConfig.device -> a torch device ("auto" = cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_context(device: torch.device, autocast: str):
+    """The forward pass's precision: float32 on CPU or with autocast "off", else float16/bfloat16 autocast."""
+    if device.type != "cuda" or autocast == "off":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if autocast == "bfloat16" else torch.float16)
+
+
 class TextEncoder:
     """A frozen transformers text encoder that returns every hidden state (embeddings first)."""
 
@@ -63,13 +98,24 @@ class TextEncoder:
         model: PreTrainedModel = AutoModel.from_pretrained(self.folder)
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()  # a side network reads the encoder's states
-        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if config.device == "auto" else config.device)
+        self.device = pick_device(config.device)
         self.model = model.eval().requires_grad_(False).to(self.device)
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model")
         self.num_hidden_states = model.config.num_hidden_layers + 1  # embeddings + every block
         self.widths = [int(hidden)] * self.num_hidden_states
         self.max_length = min(config.max_length, self.tokenizer.model_max_length or config.max_length)
+        self.layout = "tokens"
+        self.row_shapes = [(w,) for w in self.widths]
+        self.stages = list(range(self.num_hidden_states))
+
+    def prepare(self, examples: Sequence[Any]) -> PreparedPart:
+        """Tokenise a part's examples (``.text`` each) and find those cut to max_length."""
+        t0 = time.perf_counter()
+        texts = [ex.text for ex in examples]
+        features = self.tokenize(texts)
+        lengths = np.array([len(f["input_ids"]) for f in features], dtype=np.int64)
+        return PreparedPart(list(examples), features, lengths, self.truncated(texts, features), [],
+                            time.perf_counter() - t0)
 
     def tokenize(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
         """Token ids per text (truncated to max_length, special tokens added, no padding)."""
@@ -95,15 +141,9 @@ class TextEncoder:
         """Pad a batch, run the frozen model, return (hidden states (B, N, D) each, mask (B, N) bool)."""
         batch = self.tokenizer.pad(features, return_tensors="pt")
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with self._autocast():
+        with autocast_context(self.device, self.config.autocast):
             out = self.model(**batch, output_hidden_states=True, return_dict=True)
         return out.hidden_states, batch["attention_mask"].bool()
-
-    def _autocast(self):
-        if self.device.type != "cuda" or self.config.autocast == "off":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.config.autocast == "bfloat16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -116,3 +156,6 @@ class TextEncoder:
             "hidden_size": self.widths[-1],
             "max_length": self.max_length,
         }
+
+    def close(self) -> None:
+        pass

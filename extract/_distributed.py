@@ -23,25 +23,29 @@ from unipt.store import FeatureStore
 from unipt.store._claims import new_run_id
 
 from ._backbone import TextEncoder
-from ._runner import BackgroundWriter, ExtractSummary, PartTask, extract_claimed_part, wait_for_other_runs
+from ._runner import BackgroundWriter, Encoder, ExtractSummary, PartTask, extract_claimed_part, wait_for_other_runs
+from ._vision import VisionEncoder
 from .config import BackboneConfig
 
-_ENCODERS: dict[str, TextEncoder] = {}
+_ENCODERS: dict[str, Encoder] = {}
 _LOADS: dict[str, int] = {}  # how often this process loaded each backbone (tests check: once per worker)
 
 
-def worker_encoder(config: BackboneConfig) -> TextEncoder:
-    """This process's encoder for ``config``: loaded on first use, then reused by every task."""
-    key = json.dumps(asdict(config), sort_keys=True)
+def worker_encoder(config: BackboneConfig, vision: dict | None = None) -> Encoder:
+    """This process's encoder for ``config``: loaded on first use, then reused by every task.
+
+    ``vision``: None for a text backbone; for an image backbone, the VisionEncoder options (bad_input, max_grid).
+    """
+    key = json.dumps([asdict(config), vision], sort_keys=True)
     if key not in _ENCODERS:
-        _ENCODERS[key] = TextEncoder(config)
+        _ENCODERS[key] = TextEncoder(config) if vision is None else VisionEncoder(config, **vision)
         _LOADS[key] = _LOADS.get(key, 0) + 1
     return _ENCODERS[key]
 
 
 def extract_part_task(backbone: BackboneConfig, store_url: str, task: PartTask, batch_size: int,
                       writer_queue: int, run_id: str, claim_ttl: float,
-                      storage_options: dict | None = None) -> dict[str, Any]:
+                      storage_options: dict | None = None, vision: dict | None = None) -> dict[str, Any]:
     """One part on whichever worker runs it; returns that part's counts and timings (``deferred``: another
     run holds the part's claim, nothing was done)."""
     store = FeatureStore.open(store_url, mode="r+", storage_options=storage_options)
@@ -51,7 +55,7 @@ def extract_part_task(backbone: BackboneConfig, store_url: str, task: PartTask, 
     if store.is_committed(task.split, task.name):
         summary.parts_skipped = 1  # a retry or a concurrent run finished it first
     else:
-        encoder = worker_encoder(backbone)
+        encoder = worker_encoder(backbone, vision)
         with store.claims(run_id, claim_ttl) as claims:
             writer = BackgroundWriter(writer_queue)
             try:
@@ -64,7 +68,8 @@ def extract_part_task(backbone: BackboneConfig, store_url: str, task: PartTask, 
 
 
 def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: str, *, batch_size: int,
-                writer_queue: int, workers: int = 0, scheduler: str | None = None, retries: int = 2,
+                writer_queue: int, vision: dict | None = None, workers: int = 0, scheduler: str | None = None,
+                retries: int = 2,
                 run_id: str | None = None, claim_ttl: float = 120.0, storage_options: dict | None = None,
                 progress: bool = True) -> tuple[ExtractSummary, list[dict]]:
     """Run ``tasks`` on ``scheduler`` (an existing cluster) or a new local cluster of ``workers`` processes."""
@@ -91,7 +96,7 @@ def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: 
                 store.claims(run_id, claim_ttl) as claims:
             while tasks:
                 futures = {client.submit(extract_part_task, backbone, store_url, task, batch_size, writer_queue,
-                                         run_id, claim_ttl, storage_options, retries=retries, pure=False,
+                                         run_id, claim_ttl, storage_options, vision, retries=retries, pure=False,
                                          key=f"unipt-extract-{task.split}-{task.index}-{time.time_ns()}"): task
                            for task in tasks}
                 deferred = []

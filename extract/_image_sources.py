@@ -109,6 +109,9 @@ class ImageSourceConfig:
     bad_input: str = "error"
     """An image that cannot become an example (missing or unreadable file, not an image, truncated data,
     missing label): "error" stops and names it; "skip" leaves it out and records its id and reason."""
+    validation_from_train: float = 0.0
+    """For a source with its own train/test splits and no validation split (IDX files, split folders): hold
+    out this fraction of train, drawn by hash, as the validation split (e.g. 0.1)."""
     dedupe: bool = False
     """Drop images whose content repeats an earlier one (first kept). Off by default: published image splits
     keep their duplicates, and their counts should match; stats["duplicate_images"] counts them either way."""
@@ -122,6 +125,8 @@ class ImageSourceConfig:
         if self.format not in IMAGE_SOURCE_FORMATS:
             raise ValueError(f"source.format must be one of {IMAGE_SOURCE_FORMATS}, got {self.format!r}")
         check_split_rules(self.splits, self.split_column, self.max_examples)
+        if not 0.0 <= self.validation_from_train < 1.0:
+            raise ValueError(f"source.validation_from_train must be in [0, 1), got {self.validation_from_train}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,7 +266,7 @@ def load_image_source(config: ImageSourceConfig) -> SourceData:
     splits = assign_splits(((split, ImageExample(example_id, image, label_index[str(label)] if labelled else -1,
                                                  number, origin))
                             for example_id, image, label, split, number, origin in records),
-                           config.splits, config.max_examples)
+                           config.splits, config.max_examples, config.validation_from_train)
     stats = {"rows": len(records) + dropped + len(skipped), "duplicate_images": duplicates,
              "duplicates_dropped": dropped, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}, "format": opened.format, **opened.stats}

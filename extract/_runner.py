@@ -1,4 +1,4 @@
-"""The extraction loop: source -> tokenise -> frozen forward -> background writer -> committed parts.
+"""The extraction loop: source -> prepare -> frozen forward -> background writer -> committed parts.
 
 One part is one task: :func:`extract_part` is all a worker needs, whether parts run one after another
 here or as tasks on a dask cluster. Committed parts are skipped, so re-running the same command resumes an
@@ -6,8 +6,10 @@ interrupted extraction and redoes only unfinished parts. A part is claimed befor
 runs can extract into one store at once: each skips the parts another is writing and, at the end, waits for
 them to commit (or takes them over when their run died).
 
-Three stages overlap: the next part is tokenised on a helper thread while this part's batches go through the
-backbone, and a background writer casts, compresses and writes the previous batch.
+Three stages overlap: the next part is prepared (texts tokenised; images decoded and processed on the image
+processor's threads) on a helper thread while this part's batches go through the backbone, and a background
+writer casts, compresses and writes the previous batch. Text and vision encoders offer the same four things
+(prepare, hidden_states, layout and widths, provenance), so one loop serves both.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,13 +31,17 @@ from unipt.store import FeatureStore, part_key
 from unipt.store._claims import Claims, new_run_id
 from unipt.store._format import SKIPPED
 
-from ._backbone import TextEncoder
+from ._backbone import PreparedPart, TextEncoder
+from ._image_sources import ImageSourceConfig, load_image_source
 from ._sources import Example, SourceData, load_source
+from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 U = TypeVar("U")
+Encoder = Union[TextEncoder, VisionEncoder]
+AnySourceConfig = Union[SourceConfig, ImageSourceConfig]
 
 
 @dataclass
@@ -93,20 +99,18 @@ class PartTask:
         return part_key(self.index)
 
 
-@dataclass
-class TokenizedPart:
-    features: list[dict[str, list[int]]]  # token ids per example, source order
-    lengths: np.ndarray  # (n,) tokens per example
-    truncated: list[int]  # positions of the examples cut to max_length
-    seconds: float
+def load_examples(source: AnySourceConfig) -> SourceData:
+    """Read, validate and split a text or an image source."""
+    return load_image_source(source) if isinstance(source, ImageSourceConfig) else load_source(source)
 
 
-def tokenize_part(encoder: TextEncoder, task: PartTask) -> TokenizedPart:
-    t0 = time.perf_counter()
-    texts = [ex.text for ex in task.examples]
-    features = encoder.tokenize(texts)
-    lengths = np.array([len(f["input_ids"]) for f in features], dtype=np.int64)
-    return TokenizedPart(features, lengths, encoder.truncated(texts, features), time.perf_counter() - t0)
+def make_encoder(source: AnySourceConfig, backbone: BackboneConfig, config: ExtractConfig) -> Encoder:
+    """The frozen encoder for this kind of source: a text model, or an image model behind its processor."""
+    if isinstance(source, ImageSourceConfig):
+        return VisionEncoder(backbone, bad_input=source.bad_input, max_grid=config.max_grid)
+    if config.max_grid is not None:
+        raise ValueError("extract.max_grid pools CNN feature maps; a text source has none: leave it unset")
+    return TextEncoder(backbone)
 
 
 def prefetch(items: Iterable[T], fn: Callable[[T], U]) -> Iterator[tuple[T, U]]:
@@ -128,8 +132,10 @@ def prefetch(items: Iterable[T], fn: Callable[[T], U]) -> Iterator[tuple[T, U]]:
             yield item, value
 
 
-def resolve_extract_layers(selection, num_hidden_states: int) -> list[int]:
-    """"all" or indices (negative from the end) onto hidden-state indices 0 .. num_hidden_states - 1."""
+def resolve_extract_layers(selection, num_hidden_states: int, stages: Sequence[int] | None = None) -> list[int]:
+    """"all", "stages" or indices (negative from the end) onto hidden-state indices 0 .. num_hidden_states - 1."""
+    if selection == "stages" and stages is not None:
+        return list(stages)
     if isinstance(selection, str):
         return list(range(num_hidden_states))
     layers = []
@@ -149,27 +155,21 @@ def plan_parts(split: str, examples: Sequence[Example], part_size: int) -> list[
             for i in range(math.ceil(len(examples) / part_size))]
 
 
-def extraction_provenance(source: SourceConfig, data: SourceData, encoder: TextEncoder, config: ExtractConfig,
+def extraction_provenance(source: AnySourceConfig, data: SourceData, encoder: Encoder, config: ExtractConfig,
                           layers: list[int]) -> dict[str, Any]:
     import numcodecs
     import torch
     import transformers
     import zarr
 
+    if isinstance(source, ImageSourceConfig):
+        settings = {"modality": "image", **{k: v for k, v in asdict(source).items() if k != "path"}}
+    else:  # the text source's fields as stores have always recorded them
+        settings = {key: getattr(source, key) for key in ("text_column", "label_column", "id_column", "dedupe",
+                                                            "splits", "split_column", "max_examples", "bad_input")}
     return {
         "backbone": encoder.provenance(),
-        "source": {
-            "location": source.path,
-            "fingerprint": data.fingerprint,
-            "text_column": source.text_column,
-            "label_column": source.label_column,
-            "id_column": source.id_column,
-            "dedupe": source.dedupe,
-            "splits": source.splits,
-            "split_column": source.split_column,
-            "max_examples": source.max_examples,
-            "bad_input": source.bad_input,
-        },
+        "source": {"location": source.path, "fingerprint": data.fingerprint, **settings},
         "extraction": {"layers": layers, "dtype": config.dtype, "part_size": config.part_size,
                        "mode": "eval"},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -179,33 +179,47 @@ def extraction_provenance(source: SourceConfig, data: SourceData, encoder: TextE
 
 
 def run_extraction(
-    source: SourceConfig,
+    source: AnySourceConfig,
     backbone: BackboneConfig,
     config: ExtractConfig,
     store_url: str,
     *,
     progress: bool = True,
     storage_options: dict | None = None,
-    encoder: TextEncoder | None = None,
+    encoder: Encoder | None = None,
     data: SourceData | None = None,
 ) -> ExtractSummary:
-    """Extract every requested split of ``source`` into the store at ``store_url`` (resuming if it exists).
+    """Extract every requested split of ``source`` (text or images) into the store at ``store_url`` (resuming
+    if it exists).
 
-    ``encoder`` / ``data``: an already loaded backbone / ``load_source(source)``, to reuse across calls.
+    ``encoder`` / ``data``: an already loaded backbone / ``load_examples(source)``, to reuse across calls.
     """
     started = time.perf_counter()
-    data = data or load_source(source)
+    data = data or load_examples(source)
     read_seconds = time.perf_counter() - started
-    splits = list(config.splits or data.splits)
-    unknown = sorted(set(splits) - set(data.splits))
+    unknown = sorted(set(config.splits or ()) - set(data.splits))
     if unknown:
         raise ValueError(f"extract.splits names {unknown}; the source has splits {sorted(data.splits)}")
-    encoder = encoder or TextEncoder(backbone)
-    layers = resolve_extract_layers(config.layers, encoder.num_hidden_states)
+    own_encoder = encoder is None
+    encoder = encoder or make_encoder(source, backbone, config)
+    try:
+        return _extract(source, backbone, config, store_url, data, encoder, started, read_seconds, progress,
+                        storage_options)
+    finally:
+        if own_encoder:
+            encoder.close()  # the image processor's threads
+
+
+def _extract(source: AnySourceConfig, backbone: BackboneConfig, config: ExtractConfig, store_url: str,
+             data: SourceData, encoder: Encoder, started: float, read_seconds: float, progress: bool,
+             storage_options: dict | None) -> ExtractSummary:
+    splits = list(config.splits or data.splits)
+    layers = resolve_extract_layers(config.layers, encoder.num_hidden_states, encoder.stages)
     store = FeatureStore.create(
         store_url, layers=layers, layer_widths=[encoder.widths[l] for l in layers], dtype=config.dtype,
         label_names=data.label_names, provenance=extraction_provenance(source, data, encoder, config, layers),
         compression=config.compression, storage_options=storage_options,
+        layer_shapes=[encoder.row_shapes[l] for l in layers] if encoder.layout == "maps" else None,
     )
     run_id = new_run_id()
     summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})), read_seconds=read_seconds)
@@ -224,7 +238,9 @@ def run_extraction(
     if config.workers or config.scheduler:
         from ._distributed import run_on_dask
 
-        distributed, _ = run_on_dask(tasks, backbone, store_url, batch_size=config.batch_size,
+        vision = ({"bad_input": source.bad_input, "max_grid": config.max_grid}
+                  if isinstance(source, ImageSourceConfig) else None)
+        distributed, _ = run_on_dask(tasks, backbone, store_url, vision=vision, batch_size=config.batch_size,
                                      writer_queue=config.writer_queue, workers=config.workers,
                                      scheduler=config.scheduler, retries=config.retries, run_id=run_id,
                                      claim_ttl=config.claim_ttl, storage_options=storage_options,
@@ -240,9 +256,9 @@ def run_extraction(
         try:
             while tasks:
                 deferred = []
-                for task, tokenized in prefetch(tasks, lambda task: tokenize_part(encoder, task)):
+                for task, prepared in prefetch(tasks, lambda task: encoder.prepare(task.examples)):
                     if not extract_claimed_part(encoder, store, claims, task, config.batch_size, writer, summary,
-                                                bar, tokenized=tokenized):
+                                                bar, prepared=prepared):
                         deferred.append(task)
                 tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
         finally:
@@ -252,9 +268,9 @@ def run_extraction(
     return summary
 
 
-def extract_claimed_part(encoder: TextEncoder, store: FeatureStore, claims: Claims, task: PartTask,
+def extract_claimed_part(encoder: Encoder, store: FeatureStore, claims: Claims, task: PartTask,
                          batch_size: int, writer: "BackgroundWriter", summary: ExtractSummary,
-                         bar: tqdm | None = None, tokenized: TokenizedPart | None = None) -> bool:
+                         bar: tqdm | None = None, prepared: PreparedPart | None = None) -> bool:
     """Claim ``task``'s part and extract it; False (and nothing written) when another run holds it.
 
     The claim is released by the writer once the part has committed (or by ``claims.close()`` on failure).
@@ -267,7 +283,7 @@ def extract_claimed_part(encoder: TextEncoder, store: FeatureStore, claims: Clai
         if bar is not None:
             bar.update(len(task.examples))
         return True
-    extract_part(encoder, store, task, batch_size, writer, summary, bar, tokenized=tokenized,
+    extract_part(encoder, store, task, batch_size, writer, summary, bar, prepared=prepared,
                  before_commit=lambda: claims.check(task.split, task.name))
     writer.submit(lambda: claims.release(task.split, task.name))
     return True
@@ -303,32 +319,35 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
     return []
 
 
-def extract_part(encoder: TextEncoder, store: FeatureStore, task: PartTask, batch_size: int,
+def extract_part(encoder: Encoder, store: FeatureStore, task: PartTask, batch_size: int,
                  writer: "BackgroundWriter", summary: ExtractSummary, bar: tqdm | None = None, *,
-                 tokenized: TokenizedPart | None = None, before_commit: Callable[[], None] | None = None) -> None:
-    """Run one part: tokenise (unless done ahead), sort by length, forward batch by batch, and queue the
+                 prepared: PreparedPart | None = None, before_commit: Callable[[], None] | None = None) -> None:
+    """Run one part: prepare (unless done ahead), sort by length, forward batch by batch, and queue the
     writes + the commit on ``writer``."""
-    tokenized = tokenized or tokenize_part(encoder, task)
-    features, lengths = tokenized.features, tokenized.lengths
+    prepared = prepared or encoder.prepare(task.examples)
+    examples, features, lengths = prepared.examples, prepared.features, prepared.lengths
     order = np.argsort(-lengths, kind="stable")  # longest first: the largest batch runs (or fails) first
-    summary.tokenize_seconds += tokenized.seconds
+    summary.tokenize_seconds += prepared.seconds
     n_tokens = int(lengths.sum())
 
     part: dict[str, Any] = {}  # the PartWriter, created on the writer thread (it does I/O)
 
     def open_part() -> None:
-        part["writer"] = store.part_writer(task.split, task.index, n_examples=len(task.examples),
+        part["writer"] = store.part_writer(task.split, task.index, n_examples=len(examples),
                                            n_tokens=n_tokens, source_start=task.start)
 
     writer.submit(open_part)
     layers = store.layers
+    maps = store.layout == "maps"
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         t0 = time.perf_counter()
         hidden, mask = encoder.hidden_states([features[i] for i in rows])
-        # Drop padding: boolean-mask indexing keeps real tokens in (example, position) order = CSR rows.
+        # Tokens: drop padding; boolean-mask indexing keeps real tokens in (example, position) order = CSR rows.
+        # Maps: one (H, W, C) row per example (channels last: int8 scales then go per map position).
         # A blocking copy: the writer thread reads these tensors, and must not see an unfinished GPU copy.
-        tokens = {layer: hidden[layer][mask].to("cpu") for layer in layers}
+        tokens = {layer: (hidden[layer].permute(0, 2, 3, 1) if maps else hidden[layer][mask]).to("cpu")
+                  for layer in layers}
         summary.forward_seconds += time.perf_counter() - t0
         summary.write_wait_seconds += writer.submit(lambda tokens=tokens: part["writer"].append(tokens))
         summary.tokens[task.split] = summary.tokens.get(task.split, 0) + int(lengths[rows].sum())
@@ -336,12 +355,17 @@ def extract_part(encoder: TextEncoder, store: FeatureStore, task: PartTask, batc
             bar.update(len(rows))
             elapsed = max(bar.format_dict["elapsed"], 1e-9)
             bar.set_postfix(split=task.split, tokens_s=f"{sum(summary.tokens.values()) / elapsed:.0f}", refresh=False)
-    ids = [task.examples[i].id for i in order]
-    labels = [task.examples[i].label for i in order]
-    truncated = [task.examples[i].id for i in tokenized.truncated]
-    writer.submit(lambda: part["writer"].finish(ids, labels, lengths[order], truncated=truncated,
+    if bar is not None and prepared.skipped:
+        bar.update(len(prepared.skipped))
+    ids = [examples[i].id for i in order]
+    labels = [examples[i].label for i in order]
+    truncated = [examples[i].id for i in prepared.truncated]
+    skipped = [(s.id, s.row, s.reason) for s in prepared.skipped]
+    writer.submit(lambda: part["writer"].finish(ids, labels, lengths[order], truncated=truncated, skipped=skipped,
                                                 before_commit=before_commit))
-    summary.examples[task.split] = summary.examples.get(task.split, 0) + len(task.examples)
+    summary.examples[task.split] = summary.examples.get(task.split, 0) + len(examples)
+    for s in prepared.skipped:
+        summary.skipped[s.reason] = summary.skipped.get(s.reason, 0) + 1
     if truncated:
         summary.truncated[task.split] = summary.truncated.get(task.split, 0) + len(truncated)
     summary.parts_written += 1

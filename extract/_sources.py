@@ -220,9 +220,12 @@ def _count_reasons(skipped: list[Skipped]) -> dict[str, int]:
 
 
 def assign_splits(examples: Iterable[tuple[str | None, Any]], fractions: dict[str, float],
-                  max_examples: dict[str, int]) -> dict[str, list[Any]]:
+                  max_examples: dict[str, int], validation_from_train: float = 0.0) -> dict[str, list[Any]]:
     """Examples (each with an ``id``) grouped by split: the source's own split when it names one, else the
-    split its id hashes to; then each split capped by a hash-drawn subset. Order within a split is kept."""
+    split its id hashes to; then each split capped by a hash-drawn subset. Order within a split is kept.
+
+    ``validation_from_train``: when the source's own splits have a train split and no validation split,
+    this fraction of train (drawn by hash) becomes the validation split, before the caps."""
     cuts = _cumulative(fractions)
     splits: dict[str, list[Any]] = {}
     for split, example in examples:
@@ -230,6 +233,10 @@ def assign_splits(examples: Iterable[tuple[str | None, Any]], fractions: dict[st
             u = hash_unit(example.id, "split")
             split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
         splits.setdefault(split, []).append(example)
+    if validation_from_train > 0 and "train" in splits and "validation" not in splits:
+        held = [hash_unit(ex.id, "validation") < validation_from_train for ex in splits["train"]]
+        splits["validation"] = [ex for ex, h in zip(splits["train"], held) if h]
+        splits["train"] = [ex for ex, h in zip(splits["train"], held) if not h]
     for name in splits:
         if name.startswith("_"):
             raise ValueError(f"split name {name!r} starts with '_', which the store reserves for its own records")

@@ -75,6 +75,10 @@ class BackboneConfig:
     """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
     autocast: str = "auto"
     """Forward-pass precision on GPU: auto (= float16), float16, bfloat16 or off. CPU runs float32."""
+    image_size: int | None = None
+    """Image backbones: resize every image to this square size (pixels) instead of the processor's own size
+    (e.g. 112 for 28-pixel Fashion-MNIST through a ViT made for 224: 4x fewer tokens to run and store).
+    Non-square images are squashed to the square."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -83,12 +87,15 @@ class BackboneConfig:
             raise ValueError(f"backbone.max_length must be >= 2, got {self.max_length}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"backbone.autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"backbone.image_size must be >= 8 pixels or unset, got {self.image_size}")
 
 
 @dataclass
 class ExtractConfig:
     layers: str | Sequence[int] = "all"
-    """Hidden states to store: "all" (embeddings + every layer) or indices (0 = embeddings, -1 = last)."""
+    """Hidden states to store: "all" (embeddings + every layer), "stages" (a CNN: the last map of each
+    resolution plus the final output; others: all) or indices (0 = embeddings / the first map, -1 = last)."""
     dtype: str = "float16"
     """Storage dtype: float16 (default, half of float32's bytes), bfloat16 (same size, float32's range: for
     models whose activations overflow float16), int8 (per-token absmax scale, ~half of float16's bytes)
@@ -111,6 +118,10 @@ class ExtractConfig:
     worker per GPU). Overrides `workers`."""
     retries: int = 2
     """Times dask re-runs a part whose worker died or failed (parts are idempotent)."""
+    max_grid: int | None = None
+    """CNN feature maps: average-pool any map larger than max_grid x max_grid (by the smallest whole factor that
+    fits) before storing it. Early stages dominate a CNN store's size (MobileNetV2 at 128 px: the 32x32 map holds
+    more values than all later stages); 8 keeps a grid the UniPT CNN variant still pools by windows."""
     claim_ttl: float = 120.0
     """Seconds without a heartbeat after which another run may take over a part this run claimed (a run
     killed on the same host is taken over at once). Several runs may extract into one store together."""
@@ -118,8 +129,10 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.part_size < 1:
             raise ValueError(f"batch_size and part_size must be >= 1, got {self.batch_size}, {self.part_size}")
-        if isinstance(self.layers, str) and self.layers != "all":
-            raise ValueError(f"extract.layers must be 'all' or a list of indices, got {self.layers!r}")
+        if isinstance(self.layers, str) and self.layers not in ("all", "stages"):
+            raise ValueError(f"extract.layers must be 'all', 'stages' or a list of indices, got {self.layers!r}")
+        if self.max_grid is not None and self.max_grid < 1:
+            raise ValueError(f"extract.max_grid must be >= 1 or unset, got {self.max_grid}")
         if self.workers < 0 or self.retries < 0:
             raise ValueError(f"workers and retries must be >= 0, got {self.workers}, {self.retries}")
         if self.claim_ttl <= 0:

@@ -1,7 +1,8 @@
 """Recipes: a TOML file with one section per component, typed into the components' config dataclasses.
 
     name, workdir, store         where everything this recipe makes goes
-    [source]                     unipt.extract.SourceConfig
+    [source]                     unipt.extract.SourceConfig; with ``modality = "image"``,
+                                 unipt.extract.ImageSourceConfig (image folders, tables, IDX, webdataset)
     [backbone]                   unipt.extract.BackboneConfig
     [extract]                    unipt.extract.ExtractConfig
     [loader]                     unipt.train.LoaderConfig
@@ -25,10 +26,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig
+from unipt.extract import BackboneConfig, ExtractConfig, ImageSourceConfig, SourceConfig
 from unipt.train import LoaderConfig, TrainConfig, expand_sweep, get_method
 
 RECIPE_SUFFIX = ".toml"
+MODALITIES = {"text": SourceConfig, "image": ImageSourceConfig}  # [source] modality -> its config
 _TOP_LEVEL = {"name", "description", "workdir", "store", "source", "backbone", "extract", "loader", "train"}
 
 
@@ -37,7 +39,7 @@ class Recipe:
     name: str
     workdir: str
     store: str
-    source: SourceConfig
+    source: SourceConfig | ImageSourceConfig
     backbone: BackboneConfig
     extract: ExtractConfig
     loader: LoaderConfig
@@ -129,7 +131,7 @@ def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -
         name=name,
         workdir=workdir,
         store=store,
-        source=make_config(SourceConfig, document.get("source", {}), "[source]"),
+        source=_source_config(document.get("source", {})),
         backbone=make_config(BackboneConfig, document.get("backbone", {}), "[backbone]"),
         extract=make_config(ExtractConfig, document.get("extract", {}), "[extract]"),
         loader=make_config(LoaderConfig, document.get("loader", {}), "[loader]"),
@@ -138,6 +140,15 @@ def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -
         sections=sections,
         raw={**document, "name": name, "workdir": workdir, "store": store},
     )
+
+
+def _source_config(values: Any) -> SourceConfig | ImageSourceConfig:
+    """[source]: a text source, or with ``modality = "image"`` an image source."""
+    values = dict(values) if isinstance(values, Mapping) else values
+    modality = values.pop("modality", "text") if isinstance(values, dict) else "text"
+    if modality not in MODALITIES:
+        raise ValueError(f"[source] modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+    return make_config(MODALITIES[modality], values, "[source]")
 
 
 def _train_section(section: str, values: Any) -> dict[str, TrainConfig]:

@@ -3,7 +3,7 @@
 Imports none of unipt's other subpackages: a store can be read with nothing but this package.
 """
 
-from ._dtypes import STORAGE_DTYPES, ValueRangeError, bytes_per_token, dequantize, quantize, round_trip
+from ._dtypes import STORAGE_DTYPES, ValueRangeError, bytes_per_row, dequantize, quantize, round_trip
 from ._export import export_webdataset
 from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
 from ._format import DEFAULT_DTYPE, FORMAT_VERSION, layer_key, part_key
@@ -20,7 +20,7 @@ __all__ = [
     "dequantize",
     "quantize",
     "round_trip",
-    "bytes_per_token",
+    "bytes_per_row",
     "CorruptChunkError",
     "ProvenanceMismatch",
     "check_provenance",

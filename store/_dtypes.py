@@ -15,6 +15,8 @@ never as a numpy float16 pass.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -31,9 +33,11 @@ class ValueRangeError(OverflowError):
     """Activations the chosen storage dtype cannot hold (beyond float16's range, inf or NaN)."""
 
 
-def bytes_per_token(mode: str, width: int) -> int:
-    """Decoded bytes one token row of ``width`` values occupies in memory in the stored form."""
-    return width * STORED_NUMPY[mode].itemsize + (4 if mode == "int8" else 0)
+def bytes_per_row(mode: str, row_shape: tuple[int, ...]) -> int:
+    """Decoded bytes one stored row (a token (D,), or a whole (H, W, C) map) occupies in memory in the stored
+    form: its values, plus int8's float32 scale per token / map position."""
+    values = math.prod(row_shape)
+    return values * STORED_NUMPY[mode].itemsize + (4 * values // row_shape[-1] if mode == "int8" else 0)
 
 
 def encode(block: torch.Tensor, mode: str, where: str) -> dict[str, np.ndarray]:

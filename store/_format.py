@@ -5,7 +5,8 @@ A store is a Zarr v3 group::
     <root>/                      attrs: unipt = {format_version, provenance, layers, layer_widths, ...}
       <split>/                   one group per split (train, validation, test, ...)
         part-000000/             one immutable part = a contiguous range of source examples
-          layer_000 ... layer_L  (total_tokens, D_l) ragged tokens, CSR rows, no padding
+          layer_000 ... layer_L  layout "tokens": (total_tokens, D_l) ragged tokens, CSR rows, no padding;
+                                 layout "maps": (n_examples, H_l, W_l, C_l) one fixed-shape map per example
           offsets                (n_examples + 1,) int64: example i owns rows offsets[i]:offsets[i+1]
           example_id             (n_examples,) str: stable content hash or source key
           label                  (n_examples,) int64: index into attrs.label_names, -1 = unlabelled
@@ -39,6 +40,11 @@ LENGTH = "length"
 SKIPPED = "_skipped"
 SOURCE_ROW = "source_row"
 REASON = "reason"
+
+# Layouts: how a layer array's rows relate to examples (root attribute "layout"; absent = tokens).
+TOKENS = "tokens"  # rows are token vectors (D,), example i owns rows offsets[i]:offsets[i+1]
+MAPS = "maps"  # rows are whole feature maps (H, W, C), channels last: example i is row i (length 1)
+LAYOUTS = (TOKENS, MAPS)
 
 # Storage dtypes live in _dtypes.py (float16 default: half of float32's bytes at ~5e-4 relative error).
 DEFAULT_DTYPE = "float16"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,7 @@ def describe(store: FeatureStore) -> dict[str, Any]:
     """Splits, parts, examples, tokens, bytes on disk and bytes per stored value, and the provenance."""
     splits = {}
     value_bytes = values = 0
-    widths = store.layer_widths
+    row_values = sum(math.prod(shape) for shape in store.row_shapes.values())
     for split in store.splits():
         parts = store.parts(split)
         tokens = sum(p.n_tokens for p in parts)
@@ -110,7 +111,7 @@ def describe(store: FeatureStore) -> dict[str, Any]:
                 relative = key[len(prefix) + 1:]
                 if relative.startswith("layer_") and "/c/" in relative:  # stored values (and int8 scales)
                     value_bytes += size
-        values += tokens * sum(widths.values())
+        values += tokens * row_values
         splits[split] = {"parts": len(parts), "examples": sum(p.n_examples for p in parts), "tokens": tokens,
                          "truncated": sum(p.truncated for p in parts), "bytes": nbytes}
     skipped: dict[str, int] = {}
@@ -123,6 +124,8 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "compression": store.meta["compression"],
         "layers": store.layers,
         "layer_widths": store.meta["layer_widths"],
+        "layout": store.layout,
+        "layer_shapes": store.meta.get("layer_shapes"),  # maps stores: (H, W, C) per layer
         "label_names": store.label_names,
         "splits": splits,
         "bytes": sum(s["bytes"] for s in splits.values()),

@@ -110,8 +110,12 @@ class FeatureStore:
         provenance: Mapping[str, Any],
         compression: str = fmt.DEFAULT_COMPRESSION,
         storage_options: dict | None = None,
+        layer_shapes: Sequence[Sequence[int]] | None = None,
     ) -> "FeatureStore":
         """Create a store, or re-open an existing one whose provenance matches (to resume into it).
+
+        ``layer_shapes``: one (H, W, C) per layer for a store of fixed-shape feature maps (layout "maps",
+        e.g. a CNN's stage maps, C = the layer's width); None = token rows (layout "tokens").
 
         A store made from another backbone, source or extraction config is refused with the list of
         differing fields: mixing parts from two configs in one store would silently corrupt training.
@@ -123,6 +127,13 @@ class FeatureStore:
             raise ValueError(f"compression {compression!r} is not one of {sorted(fmt.COMPRESSIONS)}")
         if len(layers) != len(layer_widths):
             raise ValueError(f"{len(layers)} layers but {len(layer_widths)} widths")
+        if layer_shapes is not None:
+            layer_shapes = [[int(n) for n in shape] for shape in layer_shapes]
+            if len(layer_shapes) != len(layers) or any(
+                    len(shape) != 3 or shape[-1] != width or min(shape) < 1
+                    for shape, width in zip(layer_shapes, layer_widths)):
+                raise ValueError(f"layer_shapes must give one (H, W, C) per layer with C = its width; got "
+                                 f"{layer_shapes} for widths {list(layer_widths)}")
         meta = {
             "format_version": fmt.FORMAT_VERSION,
             "layers": [int(l) for l in layers],
@@ -130,6 +141,9 @@ class FeatureStore:
             "dtype": dtype,
             "compression": compression,
             "label_names": [str(n) for n in label_names],
+            # Token stores carry no layout key (it is the default), so stores written before maps existed
+            # still match on resume.
+            **({} if layer_shapes is None else {"layout": fmt.MAPS, "layer_shapes": layer_shapes}),
             "provenance": json.loads(json.dumps(provenance)),  # JSON-normalised, as it will read back
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -174,6 +188,18 @@ class FeatureStore:
     @property
     def dtype(self) -> str:
         return self.meta["dtype"]
+
+    @property
+    def layout(self) -> str:
+        """"tokens" (ragged token rows, CSR) or "maps" (one fixed-shape (H, W, C) map per example)."""
+        return self.meta.get("layout", fmt.TOKENS)
+
+    @property
+    def row_shapes(self) -> dict[int, tuple[int, ...]]:
+        """Shape of one stored row per layer: (D,) for tokens, (H, W, C) for maps."""
+        if self.layout == fmt.MAPS:
+            return {layer: tuple(shape) for layer, shape in zip(self.meta["layers"], self.meta["layer_shapes"])}
+        return {layer: (width,) for layer, width in self.layer_widths.items()}
 
     @property
     def label_names(self) -> list[str]:
@@ -227,16 +253,30 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- bad input and claims
     def skipped(self) -> list[dict[str, Any]]:
-        """Source rows extraction left out as bad input: ``{"example_id", "source_row", "reason"}`` each."""
+        """Source rows extraction left out as bad input: ``{"example_id", "source_row", "reason"}`` each, in
+        source-row order. Rows found bad while reading the source are in the ``_skipped`` group; images found
+        broken only when decoded are in the commit record of the part they belonged to."""
+        records = [{"example_id": str(i), "source_row": int(r), "reason": str(why)}
+                   for i, r, why in self._part_skipped()]
         try:
             group = self._root[fmt.SKIPPED]
-            if fmt.COMMIT_ATTR not in group.attrs:
-                return []
+            committed = fmt.COMMIT_ATTR in group.attrs
         except (KeyError, FileNotFoundError):
-            return []
-        where = f"{self.url} {fmt.SKIPPED}"
-        ids, rows, reasons = (_read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.SOURCE_ROW, fmt.REASON))
-        return [{"example_id": str(i), "source_row": int(r), "reason": str(why)} for i, r, why in zip(ids, rows, reasons)]
+            committed = False
+        if committed:
+            where = f"{self.url} {fmt.SKIPPED}"
+            ids, rows, reasons = (_read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.SOURCE_ROW, fmt.REASON))
+            records += [{"example_id": str(i), "source_row": int(r), "reason": str(why)}
+                        for i, r, why in zip(ids, rows, reasons)]
+        return sorted(records, key=lambda r: r["source_row"])
+
+    def _part_skipped(self) -> list[list]:
+        out = []
+        for split in self.splits():
+            group = self._split_group(split, create=False)
+            for info in self.parts(split):
+                out += group[info.name].attrs[fmt.COMMIT_ATTR].get("skipped", [])
+        return out
 
     def record_skipped(self, records: Sequence[tuple[str, int, str]]) -> None:
         """Record the source rows left out as bad input, as ``(example_id, source_row, reason)``.
@@ -283,6 +323,9 @@ class FeatureStore:
         name = fmt.part_key(index)
         if self._committed_info(split_group, split, name) is not None:
             raise StoreError(f"{split}/{name} is already committed in {self.url}; committed parts are immutable")
+        if self.layout == fmt.MAPS and n_tokens != n_examples:
+            raise ValueError(f"a maps store holds one row per example: n_tokens ({n_tokens}) must equal "
+                             f"n_examples ({n_examples})")
         info = PartInfo(split, name, n_examples, n_tokens, source_start, source_start + n_examples)
         # Written through a store that records the sha256 of every object as it is stored: the commit
         # marker lists them, and `verify` re-hashes what is there now (no read-back at write time).
@@ -294,7 +337,7 @@ class FeatureStore:
             "source_start": source_start,
             "source_stop": source_start + n_examples,
         }
-        return PartWriter(group, info, self.layer_widths, self.dtype, self.meta["compression"], recorder)
+        return PartWriter(group, info, self.row_shapes, self.dtype, self.meta["compression"], recorder)
 
     # ----------------------------------------------------------------- reading
     def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None) -> PartData:
@@ -367,26 +410,28 @@ class PartWriter:
     """Writes one part: per-layer token rows in order, then the per-example columns, then the commit marker.
 
     Rows arrive in batches (``append``) and are written in shard-aligned blocks, so each stored object is
-    written exactly once (a partial write into a Zarr shard would read, merge and rewrite it).
+    written exactly once (a partial write into a Zarr shard would read, merge and rewrite it). A row is one
+    token (D,) or, in a maps store, one example's whole (H, W, C) map: ``row_shapes`` says which per layer.
     """
 
-    def __init__(self, group: zarr.Group, info: PartInfo, layer_widths: Mapping[int, int], dtype: str,
+    def __init__(self, group: zarr.Group, info: PartInfo, row_shapes: Mapping[int, tuple[int, ...]], dtype: str,
                  compression: str = fmt.DEFAULT_COMPRESSION, recorder: RecordingStore | None = None):
         self.group, self.info, self.dtype = group, info, dtype
         self.compression, self.recorder = compression, recorder
-        self._layers = list(layer_widths)
+        self._layers = list(row_shapes)
         self._arrays: dict[str, zarr.Array] = {}  # array key -> array (a layer, and its scales for int8)
         self._pending: dict[str, list[np.ndarray]] = {}
         self._pending_rows: dict[str, int] = {}
         self._written: dict[str, int] = {}
         self._block_rows: dict[str, int] = {}
         stored = STORED_NUMPY[dtype]
-        for layer, width in layer_widths.items():
+        for layer, row_shape in row_shapes.items():
             key = fmt.layer_key(layer)
-            chunk_rows, shard_rows = _chunk_layout(width, stored.itemsize, info.n_tokens)
-            self._add_array(key, (width,), stored, chunk_rows, shard_rows)
-            if dtype == "int8":  # one scale per token row, laid out like its layer
-                self._add_array(key + SCALE_SUFFIX, (), np.dtype("float32"), chunk_rows, shard_rows)
+            row_shape = tuple(row_shape)
+            chunk_rows, shard_rows = _chunk_layout(math.prod(row_shape), stored.itemsize, info.n_tokens)
+            self._add_array(key, row_shape, stored, chunk_rows, shard_rows)
+            if dtype == "int8":  # one scale per token (per map position), laid out like its layer
+                self._add_array(key + SCALE_SUFFIX, row_shape[:-1], np.dtype("float32"), chunk_rows, shard_rows)
 
     def _add_array(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int) -> None:
         self._arrays[key] = self.group.create_array(
@@ -398,7 +443,7 @@ class PartWriter:
         self._block_rows[key] = shard_rows
 
     def append(self, rows: Mapping[int, torch.Tensor | np.ndarray]) -> None:
-        """Append token rows ``(t, D_l)`` for every layer (same ``t`` for all), in storage order."""
+        """Append rows ``(t, *row_shape_l)`` for every layer (same ``t`` for all), in storage order."""
         if set(rows) != set(self._layers):
             raise ValueError(f"expected rows for layers {sorted(self._layers)}, got {sorted(rows)}")
         for layer, block in rows.items():
@@ -410,10 +455,13 @@ class PartWriter:
                 self._flush(key + suffix, final=False)
 
     def finish(self, example_id: Sequence[str], label: Sequence[int], length: Sequence[int], *,
-               truncated: Sequence[str] = (), before_commit: Callable[[], None] | None = None) -> PartInfo:
+               truncated: Sequence[str] = (), skipped: Sequence[tuple[str, int, str]] = (),
+               before_commit: Callable[[], None] | None = None) -> PartInfo:
         """Write the per-example columns and then the commit marker. Returns the committed part's info.
 
         ``truncated``: ids of examples cut to the backbone's max_length (recorded in the commit).
+        ``skipped``: (example id, source row, reason) of the part's source examples left out as bad input
+        when they were prepared (an image that does not decode); recorded in the commit.
         ``before_commit``: called just before the marker is written; raising there leaves the part
         uncommitted (extraction checks that it still holds the part's claim).
         """
@@ -449,6 +497,7 @@ class PartWriter:
             "source_stop": self.info.source_stop,
             "committed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "truncated": [str(i) for i in truncated],
+            **({"skipped": [[str(i), int(row), str(why)] for i, row, why in skipped]} if skipped else {}),
             "sha256": objects,
         }
         return replace(self.info, truncated=len(truncated))
@@ -478,9 +527,9 @@ class PartWriter:
             self._pending_rows[key] = rest.shape[0]
 
 
-def _chunk_layout(width: int, itemsize: int, n_rows: int) -> tuple[int, int]:
+def _chunk_layout(row_values: int, itemsize: int, n_rows: int) -> tuple[int, int]:
     """Rows per inner chunk (~CHUNK_BYTES) and per shard (~SHARD_BYTES, a multiple of the chunk)."""
-    row_bytes = width * itemsize
+    row_bytes = row_values * itemsize
     chunk_rows = max(1, fmt.CHUNK_BYTES // row_bytes)
     chunks_per_shard = max(1, fmt.SHARD_BYTES // fmt.CHUNK_BYTES)
     # A small part gets one shard no bigger than it needs (rounded up to whole chunks).

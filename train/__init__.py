@@ -13,6 +13,7 @@ from .linear_probe import LinearProbe, LinearProbeConfig
 from .lst import LST, LSTClassifier, LSTConfig
 from .scalar_mix import ScalarMix, ScalarMixConfig
 from .unipt import UniPT, UniPTClassifier, UniPTConfig
+from .unipt_cnn import UniPTCNN, UniPTCNNClassifier, UniPTCNNConfig, window_size
 
 __all__ = [
     "ActivationLoader",
@@ -51,4 +52,8 @@ __all__ = [
     "LST",
     "LSTClassifier",
     "LSTConfig",
+    "UniPTCNN",
+    "UniPTCNNClassifier",
+    "UniPTCNNConfig",
+    "window_size",
 ]

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from unipt.store import FeatureStore, PartData, PartInfo, StoreError, bytes_per_token, dequantize
+from unipt.store import FeatureStore, PartData, PartInfo, StoreError, bytes_per_row, dequantize
 
 from .config import LoaderConfig
 
@@ -37,8 +37,8 @@ _Ref = tuple[PartData, int]
 
 @dataclass
 class Batch:
-    hidden_states: list[torch.Tensor]  # one (B, N, D_l) tensor per requested layer, zero-padded
-    mask: torch.Tensor  # (B, N) bool, True = real token
+    hidden_states: list[torch.Tensor]  # per requested layer: (B, N, D_l) zero-padded tokens, or (B, C, H, W) maps
+    mask: torch.Tensor  # (B, N) bool, True = real token (maps: (B, 1), all True)
     labels: torch.Tensor  # (B,) int64
     example_ids: list[str]
 
@@ -85,9 +85,10 @@ class ActivationLoader:
         if missing:
             raise StoreError(f"layers {missing} are not in {store.url}; it stores layers {store.layers}")
         self.num_examples = sum(p.n_examples for p in self.parts)
-        widths = store.layer_widths
+        row_shapes = self.row_shapes = store.row_shapes
+        self.maps = store.layout == "maps"
         self.resident_bytes = sum(p.n_tokens for p in self.parts) * sum(
-            bytes_per_token(store.dtype, widths[l]) for l in self.layers)
+            bytes_per_row(store.dtype, row_shapes[l]) for l in self.layers)
         mode = self.config.mode
         if mode == "auto":
             mode = "memory" if self.resident_bytes <= self.config.memory_budget_gb * 2**30 else "stream"
@@ -193,7 +194,7 @@ class ActivationLoader:
                 scale = resident.scales.get(layer)
                 rows = dequantize(resident.layers[layer].index_select(0, index),
                                   None if scale is None else scale.index_select(0, index), self.dtype)
-                hidden.append((rows.pin_memory() if self.pin_memory else rows).view(b, n, -1))
+                hidden.append(self._shaped(rows.pin_memory() if self.pin_memory else rows, b, n))
             return Batch(hidden, mask, labels, ids)
         # Token rows to gather, grouped by part: source rows in the part's CSR arrays, destination rows in
         # the flattened (B * N) batch. Then one gather + scatter per part and layer, instead of a copy per
@@ -207,15 +208,19 @@ class ActivationLoader:
                  for part, src, dst in groups.values()]
         hidden = []
         for layer in self.layers:
-            width = self.store.layer_widths[layer]
-            out = torch.zeros(b * n, width, dtype=self.dtype, pin_memory=self.pin_memory)
+            out = torch.zeros(b * n, *self.row_shapes[layer], dtype=self.dtype, pin_memory=self.pin_memory)
             for part, src, dst in index:
                 scale = part.scales.get(layer)  # int8 stores: dequantise in torch, after the gather
                 rows = dequantize(part.layers[layer].index_select(0, src),
                                   None if scale is None else scale.index_select(0, src), self.dtype)
                 out.index_copy_(0, dst, rows)
-            hidden.append(out.view(b, n, width))
+            hidden.append(self._shaped(out, b, n))
         return Batch(hidden, mask, labels, ids)
+
+    def _shaped(self, rows: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """Gathered rows as the batch tensor: tokens (B * N, D) -> (B, N, D); maps, one row per example,
+        (B, H, W, C) -> (B, C, H, W) as a channels-last view (no copy; convolutions take it as it is)."""
+        return rows.permute(0, 3, 1, 2) if self.maps else rows.view(b, n, -1)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from .linear_probe import LinearProbe, LinearProbeConfig
 from .lst import LSTClassifier, LSTConfig
 from .scalar_mix import ScalarMix, ScalarMixConfig
 from .unipt import UniPTClassifier, UniPTConfig
+from .unipt_cnn import UniPTCNNClassifier, UniPTCNNConfig
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,13 @@ class Method:
     name: str
     config_cls: type
     build: Callable[[Any, Sequence[int], int], nn.Module]  # (config, layer widths, num labels) -> model
+    layouts: tuple[str, ...] = ("tokens",)  # store layouts it reads: token rows and/or feature maps
+
+    def check_layout(self, layout: str, where: str) -> None:
+        if layout not in self.layouts:
+            fits = sorted(name for name, m in METHODS.items() if layout in m.layouts)
+            raise ValueError(f"method {self.name!r} reads {' or '.join(self.layouts)} stores; {where} holds {layout} "
+                             f"(methods for it: {fits})")
 
     def make_config(self, values: Mapping[str, Any]) -> Any:
         valid = {f.name for f in fields(self.config_cls)}
@@ -29,9 +37,11 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "unipt": Method("unipt", UniPTConfig, UniPTClassifier),
-    "linear_probe": Method("linear_probe", LinearProbeConfig, LinearProbe),
+    "linear_probe": Method("linear_probe", LinearProbeConfig, LinearProbe, ("tokens", "maps")),
     "scalar_mix": Method("scalar_mix", ScalarMixConfig, ScalarMix),
     "lst": Method("lst", LSTConfig, LSTClassifier),
+    # The CNN variant reads a maps store's stage maps (B, C_k, H_k, W_k); its widths are the stage channels.
+    "unipt_cnn": Method("unipt_cnn", UniPTCNNConfig, UniPTCNNClassifier, ("maps",)),
 }
 
 

@@ -88,6 +88,7 @@ class MetricsLog:
 def build_model(config: TrainConfig, store: FeatureStore) -> tuple[nn.Module, Any, list[int]]:
     """The method's model for this store: (model, method config, resolved layers)."""
     method = get_method(config.method)
+    method.check_layout(store.layout, f"store {store.url}")
     model_config = method.make_config(config.model)
     layers = resolve_layers(model_config.layers, store.layers)
     widths = [store.layer_widths[l] for l in layers]

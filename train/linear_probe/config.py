@@ -12,7 +12,8 @@ class LinearProbeConfig:
     layer: int = -1
     """Which stored layer to probe (index into the backbone's hidden states; negative counts from the last)."""
     pooling: str = "mean"
-    """Token pooling before the linear layer: "mean" (masked mean) or "cls" (the first token)."""
+    """Token pooling before the linear layer: "mean" (masked mean; for a feature map, global average pooling)
+    or "cls" (the first token; not for feature maps)."""
     normalize: bool = True
     """LayerNorm (no affine) on the pooled vector: puts every layer on one scale, so one lr fits all."""
 

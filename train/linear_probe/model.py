@@ -22,6 +22,12 @@ class LinearProbe(nn.Module):
         self.classifier = nn.Linear(width, num_labels)
 
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        (h,) = hidden_states  # (B, N, D)
-        pooled = masked_mean(h, mask) if self.config.pooling == "mean" else h[:, 0]  # (B, D)
+        (h,) = hidden_states  # (B, N, D) tokens, or a (B, C, H, W) feature map
+        if h.dim() == 4:
+            if self.config.pooling != "mean":
+                raise ValueError(f"pooling {self.config.pooling!r} needs tokens; a feature map takes pooling "
+                                 "\"mean\" (global average pooling)")
+            pooled = h.mean(dim=(2, 3))  # (B, C)
+        else:
+            pooled = masked_mean(h, mask) if self.config.pooling == "mean" else h[:, 0]  # (B, D)
         return self.classifier(self.norm(pooled))  # (B, classes)
