@@ -10,14 +10,16 @@ validation tweets unless --full), for every method and seed:
 
 Each (method, seed) runs in a fresh Python process, so memory is measured the same way for all: peak RSS of
 that process above its idle RSS (measured after imports, before any model or data is loaded); on a GPU,
-``torch.cuda.max_memory_allocated``. Cached runs use the streaming loader with a 1,024-example shuffle buffer
-(a few decoded parts resident, the way a store larger than RAM is read), so the size of the whole feature
-store is not counted as training memory; what the loader holds is. Time
+``torch.cuda.max_memory_allocated``. Cached runs use the streaming loader in its lean setting (a 256-example
+shuffle buffer and length-sorting window, one part decoded ahead; the store is cut into parts of 256 examples,
+each a hash-drawn random sample of the split), the way a store larger than RAM is read: what the loader holds is counted as training
+memory, not the size of the whole store. The in-memory loader row holds the whole decoded split. Time
 per epoch counts training steps only (evaluation excluded). The one-time extraction is timed separately.
 
     pip install -e ".[bench]"                               # matplotlib, for --plot
     python benchmarks/bench_compare.py                      # 3 seeds, prints a Markdown section
     python benchmarks/bench_compare.py --write docs/benchmarks.md --plot docs/accuracy-vs-memory.svg
+    python benchmarks/bench_compare.py --resume --redo-cached ...   # new store + cached rows, keep online rows
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ METHODS = {
 # Cached runs stream the store unless named here: "memory" decodes the split once and shuffles it fully
 # (the demo's loader), at the price of keeping the decoded split resident.
 LOADER_MODES = {"UniPT r=2 (cached, in-memory loader)": "memory"}
+# The streaming loader's lean setting, and the part size of the benchmark's store that it reads.
+STREAM = dict(shuffle_buffer=256, prefetch_parts=1, bucket_batches=8)
+PART_SIZE = 256
 
 
 def rss_bytes() -> int:
@@ -88,7 +93,7 @@ def run_one(name: str, seed: int, store: str, overrides: list[str], out: str) ->
         torch.cuda.reset_peak_memory_stats()
     if kind == "cached":
         result = fit(f"{fields['method']}-{seed}", FeatureStore.open(store), config, out,
-                     loader_config=LoaderConfig(mode=LOADER_MODES.get(name, "stream"), shuffle_buffer=1024),
+                     loader_config=LoaderConfig(mode=LOADER_MODES.get(name, "stream"), **STREAM),
                      progress=False)
         epoch_seconds = [h["epoch_seconds"] for h in result.history]
     else:
@@ -108,7 +113,7 @@ def extract(workdir: Path, overrides: list[str]) -> tuple[str, dict]:
     store = workdir / "features.zarr"
     if store.exists():
         shutil.rmtree(store)  # timed from scratch: the one-time cost is part of the comparison
-    recipe = load_recipe(RECIPE, [*overrides, f"store='{store}'"])
+    recipe = load_recipe(RECIPE, [*overrides, f"store='{store}'", f"extract.part_size={PART_SIZE}"])
     return str(store), summary_dict(extract_stage(recipe, progress=False))
 
 
@@ -145,6 +150,9 @@ def main() -> None:
     parser.add_argument("--write", metavar="MARKDOWN", help="replace this benchmark's section in that file")
     parser.add_argument("--plot", metavar="SVG", help="write the accuracy-vs-memory plot there")
     parser.add_argument("--resume", action="store_true", help="keep the runs (and store) a previous call finished")
+    parser.add_argument("--redo-cached", action="store_true",
+                        help="with --resume: extract the store again and redo the cached runs, keeping the online "
+                             "runs (they never read the store)")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "SEED", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -161,7 +169,10 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     saved = workdir / "compare.json"  # every finished run, so an interrupted benchmark can --resume
     previous = json.loads(saved.read_text()) if args.resume and saved.exists() else None
-    if previous is not None and previous.get("full") == args.full:
+    if previous is not None and previous.get("full") == args.full and args.redo_cached:
+        store, extraction = extract(workdir, overrides)
+        results = [r for r in previous["runs"] if r["kind"] == "online"]
+    elif previous is not None and previous.get("full") == args.full:
         store, extraction, results = str(workdir / "features.zarr"), previous["extraction"], previous["runs"]
     else:
         store, extraction = extract(workdir, overrides)
@@ -202,8 +213,10 @@ def main() -> None:
         f"mean ± std over {args.seeds} seeds; batch size 32. Command: `python benchmarks/bench_compare.py "
         f"--seeds {args.seeds}{' --full' if args.full else ''} --write docs/benchmarks.md --plot "
         f"docs/accuracy-vs-memory.svg`. Memory: {rows[0]['memory']} of a fresh process per run (cached runs "
-        "stream the store with a 1,024-example shuffle buffer, except the in-memory loader row, which holds the "
-        "decoded split and shuffles it fully). Time per epoch: training steps only.",
+        f"stream the store, cut into parts of {PART_SIZE} hash-drawn examples, with a "
+        f"{STREAM['shuffle_buffer']}-example shuffle buffer and {STREAM['prefetch_parts']} part decoded ahead, "
+        "except the in-memory loader row, which holds the decoded split and shuffles it fully). Time per epoch: "
+        "training steps only.",
         "",
         f"One-time extraction (backbone forward over {sum(n.values())} tweets, float16 + lz4 store): "
         f"{extraction['seconds']:.1f} s ({extraction['examples_per_s']:.0f} examples/s).",

@@ -33,7 +33,7 @@ from unipt.store._format import SKIPPED
 
 from ._backbone import PreparedPart, TextEncoder
 from ._image_sources import ImageSourceConfig, load_image_source
-from ._sources import Example, SourceData, load_source
+from ._sources import Example, SourceData, hash_unit, load_source
 from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
 
@@ -91,7 +91,7 @@ class ExtractSummary:
 class PartTask:
     split: str
     index: int
-    start: int  # first example of the part in the split's source order
+    start: int  # first example of the part in the split's part order (see plan_parts)
     examples: Sequence[Example]
 
     @property
@@ -150,9 +150,20 @@ def resolve_extract_layers(selection, num_hidden_states: int, stages: Sequence[i
     return layers
 
 
+PART_ORDER = "hash"  # recorded in the provenance: stores cut in another order must not be resumed
+
+
 def plan_parts(split: str, examples: Sequence[Example], part_size: int) -> list[PartTask]:
-    return [PartTask(split, i, i * part_size, examples[i * part_size : (i + 1) * part_size])
-            for i in range(math.ceil(len(examples) / part_size))]
+    """Cut a split into parts of ``part_size`` examples, taken in the order of a hash of their ids.
+
+    Each part is then a uniform random sample of the split, whatever order the source is in: sources sorted
+    by label (or by time, or by anything a label correlates with) would otherwise give parts of one class,
+    and a streaming loader whose shuffle buffer spans a few parts would train on near single-class batches.
+    The hash order is stable (same ids, same parts), so resuming and concurrent runs agree on every part.
+    """
+    ordered = sorted(examples, key=lambda ex: hash_unit(ex.id, "part"))
+    return [PartTask(split, i, i * part_size, ordered[i * part_size : (i + 1) * part_size])
+            for i in range(math.ceil(len(ordered) / part_size))]
 
 
 def extraction_provenance(source: AnySourceConfig, data: SourceData, encoder: Encoder, config: ExtractConfig,
@@ -171,7 +182,7 @@ def extraction_provenance(source: AnySourceConfig, data: SourceData, encoder: En
         "backbone": encoder.provenance(),
         "source": {"location": source.path, "fingerprint": data.fingerprint, **settings},
         "extraction": {"layers": layers, "dtype": config.dtype, "part_size": config.part_size,
-                       "mode": "eval"},
+                       "part_order": PART_ORDER, "mode": "eval"},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
                      "numcodecs": numcodecs.__version__},

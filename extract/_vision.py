@@ -43,9 +43,12 @@ class VisionEncoder:
 
         overrides: dict[str, Any] = {}
         if config.image_size:
-            square = {"height": config.image_size, "width": config.image_size}
-            overrides["size"] = square
+            s = config.image_size
+            square = {"height": s, "width": s}
             base = AutoImageProcessor.from_pretrained(self.folder)
+            # Processors that resize the shortest edge (then centre-crop) keep that style, so non-square
+            # images are cropped, not squashed; the others resize to the square.
+            overrides["size"] = {"shortest_edge": s} if getattr(base.size, "shortest_edge", None) else square
             for key in ("crop_size", "pad_size"):  # a centre crop or pad to the old size would undo the resize
                 if getattr(base, key, None) is not None:
                     overrides[key] = square

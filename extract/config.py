@@ -78,7 +78,8 @@ class BackboneConfig:
     image_size: int | None = None
     """Image backbones: resize every image to this square size (pixels) instead of the processor's own size
     (e.g. 112 for 28-pixel Fashion-MNIST through a ViT made for 224: 4x fewer tokens to run and store).
-    Non-square images are squashed to the square."""
+    Processors that resize the shortest edge and centre-crop keep doing so at this size; the others squash a
+    non-square image to the square."""
 
     def __post_init__(self) -> None:
         if not self.model:

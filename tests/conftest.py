@@ -56,6 +56,71 @@ def make_text_csv(path: Path, n: int = 120, *, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_vit(folder: Path, *, image_size: int = 32, patch: int = 8, seed: int = 0) -> Path:
+    """Save a random-initialised 2-layer, 32-wide ViT + its image processor (resize to ``image_size``)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=patch, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64)
+    ViTModel(config, add_pooling_layer=False).eval().save_pretrained(folder)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_resnet(folder: Path, *, image_size: int = 64, seed: int = 0) -> Path:
+    """Save a random-initialised 4-stage ResNet (8..64 channels; stage grids 16/8/4/2 at 64 px) + processor."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic")
+    model = ResNetModel(config).eval()
+    with torch.no_grad():  # random BatchNorm statistics, so eval-mode maps are not just the conv outputs
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=1.0).save_pretrained(folder)
+    return folder
+
+
+def make_image_folder(root: Path, n_per_class: int = 12, *, classes=("circle", "stripes", "dots"),
+                      size: int = 28, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png``: small greyscale images whose pattern follows the class, plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    patterns = {
+        "circle": ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2),
+        "stripes": (xx // 4) % 2 == 0,
+        "dots": ((yy // 3) % 3 == 0) & ((xx // 3) % 3 == 0),
+    }
+    for label in classes:
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            image = patterns[label] * 200 + rng.integers(0, 55, (size, size))
+            Image.fromarray(image.astype(np.uint8)).save(root / label / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    return make_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_dir(tmp_path_factory) -> Path:
+    return make_tiny_resnet(tmp_path_factory.mktemp("tiny-resnet"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

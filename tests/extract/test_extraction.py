@@ -16,6 +16,7 @@ from unipt.extract import (
     ExtractConfig,
     SourceConfig,
     TextEncoder,
+    hash_unit,
     load_source,
     run_extraction,
 )
@@ -104,12 +105,14 @@ def test_extraction_counts_splits_and_parts(runs, source, live, dtype):
         assert len(parts) == math.ceil(len(examples) / PART_SIZE)
         n_parts += len(parts)
         stored_ids = []
+        # Part order: the split's examples sorted by a hash of their ids (so a part is a random sample).
+        in_part_order = sorted(examples, key=lambda ex: hash_unit(ex.id, "part"))
         for info in parts:
             assert info.source_start == info.index * PART_SIZE
             assert info.source_stop == min(info.source_start + PART_SIZE, len(examples))
             part = store.read_part(info)
-            # a part holds exactly its contiguous range of source examples ...
-            block = examples[info.source_start : info.source_stop]
+            # a part holds exactly its range of the split in part order ...
+            block = in_part_order[info.source_start : info.source_stop]
             assert sorted(part.example_id) == sorted(ex.id for ex in block)
             by_id = {ex.id: ex for ex in block}
             assert [by_id[i].label for i in part.example_id] == part.label.tolist()
@@ -310,3 +313,23 @@ def test_float16_overflow_during_extraction_commits_nothing(tmp_path, source, ba
     with pytest.raises(OverflowError, match="layer 1.*float32"):
         extract(source, backbone, encoder, url, dtype="float16", splits=["test"])
     assert FeatureStore.open(str(url)).parts("test") == []
+
+
+def test_parts_of_a_label_sorted_source_are_random_samples(tiny_bert_dir, tmp_path):
+    """A source sorted by label (as the demo's tweets are) still gives parts that mix the classes: parts take
+    the split's examples in hash order, not source order, so a stream loader's small buffer still shuffles."""
+    import csv
+
+    rows = list(csv.DictReader(make_text_csv(tmp_path / "texts.csv", n=240).open()))
+    rows.sort(key=lambda r: r["label"])
+    with (tmp_path / "sorted.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run_extraction(SourceConfig(path=str(tmp_path / "sorted.csv"), splits={"train": 1.0}),
+                   BackboneConfig(model=str(tiny_bert_dir), device="cpu"), ExtractConfig(part_size=24),
+                   str(tmp_path / "s.zarr"), progress=False)
+    store = FeatureStore.open(str(tmp_path / "s.zarr"))
+    labels = [set(store.read_part(info, layers=[]).label.tolist()) for info in store.parts("train")]
+    assert len(labels) == 10 and all(len(found) == 3 for found in labels)
+    assert store.provenance["extraction"]["part_order"] == "hash"

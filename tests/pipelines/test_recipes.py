@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from unipt.extract import ImageSourceConfig
 from unipt.pipelines import (apply_override, build_recipe, load_recipe, results_table, shipped_recipes, train_stage,
                              write_report)
 from unipt.pipelines._recipe import select_runs
@@ -25,14 +26,33 @@ def tiny_overrides(model_dir: Path, csv_path: Path, workdir: Path, runs) -> list
     return items
 
 
+def tiny_image_overrides(model_dir: Path, folder: Path, workdir: Path, runs, image_size: int) -> list[str]:
+    """Point an image recipe at a tiny vision model and the generated image folder."""
+    items = [f"backbone.model='{model_dir}'", f"backbone.image_size={image_size}", f"source.path='{folder}'",
+             "source.max_examples={}", f"workdir='{workdir}'", "extract.part_size=16", "extract.batch_size=8"]
+    for run in runs:
+        items += [f"train.{run}.epochs=1", f"train.{run}.max_steps=3"]
+    return items
+
+
 def test_a_recipe_ships():
     assert "tweets-minilm" in shipped_recipes()
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
-def test_every_shipped_recipe_runs_a_few_steps(name, tiny_bert_dir, text_csv, tmp_path, capsys):
-    runs = list(load_recipe(name).train)
-    code = main(["run", name, "-q", *tiny_overrides(tiny_bert_dir, text_csv, tmp_path / "work", runs)])
+def test_every_shipped_recipe_runs_a_few_steps(name, tiny_bert_dir, tiny_vit_dir, tiny_resnet_dir, image_folder,
+                                               text_csv, tmp_path, capsys):
+    recipe = load_recipe(name)
+    runs = list(recipe.train)
+    if isinstance(recipe.source, ImageSourceConfig):  # a CNN recipe trains unipt_cnn: the tiny ResNet's maps
+        cnn = any(config.method == "unipt_cnn" for config in recipe.train.values())
+        model, size = (tiny_resnet_dir, 64) if cnn else (tiny_vit_dir, 32)
+        overrides = tiny_image_overrides(model, image_folder, tmp_path / "work", runs, size)
+        n_examples = 36
+    else:
+        overrides = tiny_overrides(tiny_bert_dir, text_csv, tmp_path / "work", runs)
+        n_examples = 120
+    code = main(["run", name, "-q", *overrides])
     assert code == 0
     out = capsys.readouterr().out
     for run in runs:
@@ -40,7 +60,7 @@ def test_every_shipped_recipe_runs_a_few_steps(name, tiny_bert_dir, text_csv, tm
         checkpoint = tmp_path / "work" / "checkpoints" / run
         assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "config.json").is_file()
     store = FeatureStore.open(str(tmp_path / "work" / "features.zarr"))
-    assert store.num_examples("train") + store.num_examples("validation") + store.num_examples("test") == 120
+    assert store.num_examples("train") + store.num_examples("validation") + store.num_examples("test") == n_examples
     summary = json.loads((tmp_path / "work" / "summary.json").read_text())
     assert [r["name"] for r in summary["runs"]] == runs
     assert all(r["test_metrics"]["n"] == store.num_examples("test") for r in summary["runs"])
@@ -78,7 +98,7 @@ def test_overrides_are_typed_and_unknown_keys_are_refused(capsys):
         load_recipe("tweets-minilm", ["extract.batchsize=4"])
     with pytest.raises(ValueError, match=r"unknown unipt model option\(s\) \['reductoin'\]; valid: .*'reduction'"):
         load_recipe("tweets-minilm", ["train.unipt.model.reductoin=4"])
-    with pytest.raises(ValueError, match=r"unknown method 'lora'; available: \['linear_probe', 'lst', 'scalar_mix', 'unipt'\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'lora'; available: \['linear_probe', 'lst', 'scalar_mix', 'unipt', 'unipt_cnn'\]"):
         load_recipe("tweets-minilm", ["train.unipt.method=lora"])
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         load_recipe("tweets-minilm", ["train.unipt.lr"])
@@ -109,7 +129,7 @@ def test_recipes_command_lists_and_prints(capsys):
     assert main(["recipes", "tweets-minilm"]) == 0
     assert "[train.unipt]" in capsys.readouterr().out
     assert main(["run", "no-such-recipe"]) == 2
-    assert "not a shipped recipe (tweets-minilm" in capsys.readouterr().err
+    assert "not a shipped recipe (fashion-mnist-dinov2, fashion-mnist-mobilenet, tweets-minilm)" in capsys.readouterr().err
 
 
 def test_store_commands_info_ls_verify_rm_part(tiny_bert_dir, text_csv, tmp_path, capsys):
