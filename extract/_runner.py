@@ -14,6 +14,7 @@ writer casts, compresses and writes the previous batch. Text and vision encoders
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import platform
@@ -213,70 +214,63 @@ def run_extraction(
         raise ValueError(f"extract.splits names {unknown}; the source has splits {sorted(data.splits)}")
     own_encoder = encoder is None
     encoder = encoder or make_encoder(source, backbone, config)
-    try:
-        return _extract(source, backbone, config, store_url, data, encoder, started, read_seconds, progress,
-                        storage_options)
-    finally:
+    with contextlib.ExitStack() as cleanup:
         if own_encoder:
-            encoder.close()  # the image processor's threads
+            cleanup.callback(encoder.close)  # the image processor's threads
+        splits = list(config.splits or data.splits)
+        layers = resolve_extract_layers(config.layers, encoder.num_hidden_states, encoder.stages)
+        store = FeatureStore.create(
+            store_url, layers=layers, layer_widths=[encoder.widths[l] for l in layers], dtype=config.dtype,
+            label_names=data.label_names, provenance=extraction_provenance(source, data, encoder, config, layers),
+            compression=config.compression, storage_options=storage_options,
+            layer_shapes=[encoder.row_shapes[l] for l in layers] if encoder.layout == "maps" else None,
+        )
+        run_id = new_run_id()
+        summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})),
+                                 read_seconds=read_seconds)
+        if data.skipped:
+            with store.claims(run_id, config.claim_ttl) as claims:
+                if claims.acquire(SKIPPED, "records"):  # else another run started together is writing them
+                    store.record_skipped([(s.id, s.row, s.reason) for s in data.skipped])
+        tasks = []
+        for split in splits:
+            done = store.committed(split)
+            for task in plan_parts(split, data.splits[split], config.part_size):
+                if part_key(task.index) in done:
+                    summary.parts_skipped += 1
+                else:
+                    tasks.append(task)
+        if config.workers or config.scheduler:
+            from ._distributed import run_on_dask
 
-
-def _extract(source: AnySourceConfig, backbone: BackboneConfig, config: ExtractConfig, store_url: str,
-             data: SourceData, encoder: Encoder, started: float, read_seconds: float, progress: bool,
-             storage_options: dict | None) -> ExtractSummary:
-    splits = list(config.splits or data.splits)
-    layers = resolve_extract_layers(config.layers, encoder.num_hidden_states, encoder.stages)
-    store = FeatureStore.create(
-        store_url, layers=layers, layer_widths=[encoder.widths[l] for l in layers], dtype=config.dtype,
-        label_names=data.label_names, provenance=extraction_provenance(source, data, encoder, config, layers),
-        compression=config.compression, storage_options=storage_options,
-        layer_shapes=[encoder.row_shapes[l] for l in layers] if encoder.layout == "maps" else None,
-    )
-    run_id = new_run_id()
-    summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})), read_seconds=read_seconds)
-    if data.skipped:
-        with store.claims(run_id, config.claim_ttl) as claims:
-            if claims.acquire(SKIPPED, "records"):  # else another run started together is writing them
-                store.record_skipped([(s.id, s.row, s.reason) for s in data.skipped])
-    tasks = []
-    for split in splits:
-        done = store.committed(split)
-        for task in plan_parts(split, data.splits[split], config.part_size):
-            if part_key(task.index) in done:
-                summary.parts_skipped += 1
-            else:
-                tasks.append(task)
-    if config.workers or config.scheduler:
-        from ._distributed import run_on_dask
-
-        vision = ({"bad_input": source.bad_input, "max_grid": config.max_grid}
-                  if isinstance(source, ImageSourceConfig) else None)
-        distributed, _ = run_on_dask(tasks, backbone, store_url, vision=vision, batch_size=config.batch_size,
-                                     writer_queue=config.writer_queue, workers=config.workers,
-                                     scheduler=config.scheduler, retries=config.retries, run_id=run_id,
-                                     claim_ttl=config.claim_ttl, storage_options=storage_options,
-                                     progress=progress)
-        distributed.parts_skipped += summary.parts_skipped
-        distributed.skipped, distributed.read_seconds = summary.skipped, read_seconds
-        distributed.seconds = time.perf_counter() - started
-        return distributed
-    total = sum(len(t.examples) for t in tasks)
-    with tqdm(total=total, desc="extract", unit="ex", disable=not progress, dynamic_ncols=True) as bar, \
-            store.claims(run_id, config.claim_ttl) as claims:
-        writer = BackgroundWriter(config.writer_queue)
-        try:
-            while tasks:
-                deferred = []
-                for task, prepared in prefetch(tasks, lambda task: encoder.prepare(task.examples)):
-                    if not extract_claimed_part(encoder, store, claims, task, config.batch_size, writer, summary,
-                                                bar, prepared=prepared):
-                        deferred.append(task)
-                tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
-        finally:
-            writer.close()
-    summary.write_seconds = writer.busy_seconds
-    summary.seconds = time.perf_counter() - started
-    return summary
+            vision = ({"bad_input": source.bad_input, "max_grid": config.max_grid}
+                      if isinstance(source, ImageSourceConfig) else None)
+            distributed, _ = run_on_dask(tasks, backbone, store_url, vision=vision, batch_size=config.batch_size,
+                                         writer_queue=config.writer_queue, workers=config.workers,
+                                         scheduler=config.scheduler, retries=config.retries, run_id=run_id,
+                                         claim_ttl=config.claim_ttl, storage_options=storage_options,
+                                         progress=progress)
+            distributed.parts_skipped += summary.parts_skipped
+            distributed.skipped, distributed.read_seconds = summary.skipped, read_seconds
+            distributed.seconds = time.perf_counter() - started
+            return distributed
+        total = sum(len(t.examples) for t in tasks)
+        with tqdm(total=total, desc="extract", unit="ex", disable=not progress, dynamic_ncols=True) as bar, \
+                store.claims(run_id, config.claim_ttl) as claims:
+            writer = BackgroundWriter(config.writer_queue)
+            try:
+                while tasks:
+                    deferred = []
+                    for task, prepared in prefetch(tasks, lambda task: encoder.prepare(task.examples)):
+                        if not extract_claimed_part(encoder, store, claims, task, config.batch_size, writer, summary,
+                                                    bar, prepared=prepared):
+                            deferred.append(task)
+                    tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
+            finally:
+                writer.close()
+        summary.write_seconds = writer.busy_seconds
+        summary.seconds = time.perf_counter() - started
+        return summary
 
 
 def extract_claimed_part(encoder: Encoder, store: FeatureStore, claims: Claims, task: PartTask,

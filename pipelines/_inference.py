@@ -82,6 +82,10 @@ class SideNetworkPredictor(nn.Module):
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use auto or cpu")
         side_network, config = load_checkpoint(checkpoint, map_location="cpu")
         record = _inference_record(checkpoint, config, store)
+        if record.get("modality", "text") != "text":
+            raise ValueError(f"checkpoint {checkpoint} was trained on {record['modality']} features; `unipt predict` "
+                             "labels raw texts. For images, extract them into a store (`unipt extract`) and score "
+                             "it with `unipt eval`.")
         spec = backbone or record.get("backbone")
         if not spec:
             raise ValueError(f"checkpoint {checkpoint} does not record where its backbone is; pass it (--backbone)")

@@ -215,7 +215,11 @@ def _cmd_store_info(args) -> int:
     print(f"{info['url']}  (unipt store v{info['format_version']}, {info['dtype']}, {info['compression']})")
     print(f"backbone   {backbone.get('architecture', '?')} {backbone.get('location', '')}  "
           f"weights sha256 {str(backbone.get('weights_sha256', '?'))[:16]}…")
-    print(f"layers     {info['layers']}  widths {sorted(set(info['layer_widths']))}")
+    if info["layout"] == "maps":  # one fixed-shape map per example
+        shapes = ", ".join("x".join(map(str, shape)) for shape in info["layer_shapes"])
+        print(f"layers     {info['layers']}  maps (H x W x C) {shapes}")
+    else:
+        print(f"layers     {info['layers']}  widths {sorted(set(info['layer_widths']))}")
     print(f"labels     {info['label_names']}")
     print(f"{'split':12s} {'parts':>6s} {'examples':>9s} {'tokens':>10s} {'truncated':>9s} {'MiB':>9s}")
     for split, row in info["splits"].items():

@@ -2,10 +2,13 @@
 
 One shard series per split, ``<out_dir>/<split>-000000.tar`` ..., one sample per example::
 
-    <example_id>.json           {"example_id", "label", "label_name", "length", "split", "part"}
-    <example_id>.layer_000.npy  (length, D_0) token rows in the stored dtype
-    <example_id>.layer_000_scale.npy  (length,) float32 per-token scales (int8 stores only)
+    <key>.json                  {"example_id", "label", "label_name", "length", "split", "part"}
+    <key>.layer_000.npy         (length, D_0) token rows in the stored dtype (a maps store: the (H, W, C) map)
+    <key>.layer_000_scale.npy   (length,) float32 per-token scales (int8 stores only)
     ...
+
+``<key>`` is the example id with "%" and "." written as %25 and %2E (webdataset cuts a member name at the
+first dot of its file name, and image ids are file paths); the json member holds the id itself.
 
 bfloat16 stores are exported as their stored uint16 bit patterns (npy has no bfloat16):
 ``torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)`` reads them back. ``manifest.json``, written
@@ -80,7 +83,7 @@ def export_webdataset(
             for info in parts:
                 data = store.read_part(info, layers)
                 for i in range(info.n_examples):
-                    sink.write(_sample(data, i, layers, label_names, seen))
+                    sink.write(_sample(data, i, layers, label_names, seen, maps=store.layout == fmt.MAPS))
                 counts[split]["examples"] += info.n_examples
                 counts[split]["tokens"] += info.n_tokens
         shards.extend(written)
@@ -96,6 +99,9 @@ def export_webdataset(
         "npy_dtype": _NPY_DTYPES.get(store.dtype, store.dtype),
         "layers": layers,
         "layer_widths": {str(layer): store.layer_widths[layer] for layer in layers},
+        "layout": store.layout,  # "maps": each member is one (H, W, C) map, channels last
+        **({"layer_shapes": {str(layer): list(store.row_shapes[layer]) for layer in layers}}
+           if store.layout == fmt.MAPS else {}),
         "members": ["json"] + [f"{fmt.layer_key(layer)}{suffix}.npy" for layer in layers
                                for suffix in ("", SCALE_SUFFIX) if suffix == "" or store.dtype == "int8"],
         "label_names": label_names,
@@ -106,21 +112,23 @@ def export_webdataset(
     return shards
 
 
-def _sample(data: PartData, i: int, layers: list[int], label_names: list[str], seen: set[str]) -> dict[str, Any]:
-    """One example of a decoded part as a webdataset sample of encoded bytes."""
+def _sample(data: PartData, i: int, layers: list[int], label_names: list[str], seen: set[str], *,
+            maps: bool = False) -> dict[str, Any]:
+    """One example of a decoded part as a webdataset sample of encoded bytes: its (tokens, D) rows per layer,
+    or for a maps store its (H, W, C) map."""
     example_id = str(data.example_id[i])
-    # webdataset splits a member name at the first "." of its file name: the key part must hold none.
-    if not example_id or "." in example_id.rsplit("/", 1)[-1] or example_id.startswith("__"):
+    key = webdataset_key(example_id)
+    if not example_id or example_id.startswith("__"):
         raise ValueError(f"example id {example_id!r} of {data.info.split}/{data.info.name} cannot be a webdataset "
-                         "key (it must be non-empty, hold no '.', and not start with '__')")
-    if example_id in seen:
+                         "key (it must be non-empty and not start with '__')")
+    if key in seen:
         raise ValueError(f"example id {example_id!r} occurs twice in split {data.info.split!r}; webdataset keys "
                          "must be unique")
-    seen.add(example_id)
+    seen.add(key)
     label = int(data.label[i])
     start, stop = int(data.offsets[i]), int(data.offsets[i + 1])
     sample: dict[str, Any] = {
-        "__key__": example_id,
+        "__key__": key,
         "json": json.dumps({
             "example_id": example_id,
             "label": label,
@@ -133,10 +141,16 @@ def _sample(data: PartData, i: int, layers: list[int], label_names: list[str], s
     scales = getattr(data, "scales", None) or {}
     for layer in layers:
         key = fmt.layer_key(layer)
-        sample[f"{key}.npy"] = _npy(data.layers[layer][start:stop])
+        rows = slice(start, stop) if not maps else start  # a map is the example's one row, without that axis
+        sample[f"{key}.npy"] = _npy(data.layers[layer][rows])
         if layer in scales:
-            sample[f"{key}{SCALE_SUFFIX}.npy"] = _npy(scales[layer][start:stop])
+            sample[f"{key}{SCALE_SUFFIX}.npy"] = _npy(scales[layer][rows])
     return sample
+
+
+def webdataset_key(example_id: str) -> str:
+    """The sample key of an example id: "%" and "." escaped (%25, %2E), so no dot reaches the member name."""
+    return example_id.replace("%", "%25").replace(".", "%2E")
 
 
 def _npy(rows: torch.Tensor) -> bytes:

@@ -46,7 +46,7 @@ def inference_record(store: FeatureStore) -> dict[str, Any]:
     backbone = store.provenance.get("backbone")
     backbone = backbone if isinstance(backbone, dict) else {}
     return {"backbone": backbone.get("location"), "max_length": backbone.get("max_length"),
-            "storage_dtype": store.dtype}
+            "storage_dtype": store.dtype, "modality": backbone.get("modality", "text")}
 
 
 def save_checkpoint(

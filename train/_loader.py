@@ -12,6 +12,9 @@ Either way, examples are sorted by length within windows of ``bucket_batches`` b
 (so batches carry little padding) and batch order is shuffled again. Batches are padded with one gather
 per part and layer; where a core is free for it (or the model is on a GPU) that happens on a background
 thread, so the training loop only takes ready batches off a queue.
+
+A store of CNN feature maps (layout "maps") goes through the same two plans: each example is one stored row
+per layer, a whole (H, W, C) map, and batches come out as (B, C, H, W) with an all-True (B, 1) mask.
 """
 
 from __future__ import annotations

@@ -121,3 +121,20 @@ def _reference_small(folder, source, backbone) -> str:
     url = str(folder / "sequential-small.zarr")
     run_extraction(source, backbone, ExtractConfig(part_size=8, batch_size=2), url, progress=False)
     return url
+
+
+def test_image_extraction_on_a_local_cluster_equals_a_sequential_run(tiny_resnet_dir, image_folder, tmp_path):
+    """Image parts as dask tasks: each worker builds its own vision encoder (processor threads included);
+    the maps store equals the in-process one (same batch sizes, so bitwise)."""
+    from unipt.extract import ImageSourceConfig
+
+    source = ImageSourceConfig(path=str(image_folder))
+    backbone = BackboneConfig(model=str(tiny_resnet_dir), device="cpu")
+    config = dict(part_size=8, batch_size=4, layers="stages", max_grid=8)
+    run_extraction(source, backbone, ExtractConfig(**config), str(tmp_path / "seq.zarr"), progress=False)
+    summary = run_extraction(source, backbone, ExtractConfig(**config, workers=2), str(tmp_path / "dask.zarr"),
+                             progress=False)
+    assert sum(summary.examples.values()) == 36
+    store = FeatureStore.open(str(tmp_path / "dask.zarr"))
+    assert store.layout == "maps"
+    assert_same_store(store, FeatureStore.open(str(tmp_path / "seq.zarr")))

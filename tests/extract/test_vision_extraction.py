@@ -7,6 +7,7 @@ online: a side network fed from a float32 store gives the logits it gives fed by
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -106,6 +107,11 @@ def test_cnn_variant_trains_from_stores_at_two_input_resolutions(image_folder, t
         losses = [record["train_loss"] for record in result.history]
         assert len(losses) == 3 and losses[-1] < losses[0]
         assert np.isfinite(result.test_metrics["loss"])
+    # `unipt predict` labels raw texts: an image checkpoint is refused with what to do instead.
+    from unipt.pipelines import SideNetworkPredictor
+
+    with pytest.raises(ValueError, match=r"trained on image features.*unipt eval"):
+        SideNetworkPredictor.from_checkpoint(results[64].checkpoint)
 
 
 def test_int8_maps_store_quantises_per_map_position(image_folder, tiny_resnet_dir, tmp_path):
@@ -215,3 +221,22 @@ def test_validation_held_out_of_a_source_with_its_own_splits(tmp_path):
     assert sizes["test"] == 12 and sizes["train"] + sizes["validation"] == 60 and 5 <= sizes["validation"] <= 25
     again = load_examples(ImageSourceConfig(path=str(root), validation_from_train=0.25))
     assert [ex.id for ex in again.splits["validation"]] == [ex.id for ex in data.splits["validation"]]
+
+
+def test_maps_store_info_and_webdataset_export(image_folder, tiny_resnet_dir, tmp_path, capsys):
+    from unipt.pipelines.cli import main
+    from unipt.store import export_webdataset
+
+    store, *_ = extract(image_folder, tiny_resnet_dir, tmp_path / "cnn.zarr", layers="stages", max_grid=8)
+    assert main(["store", "info", str(tmp_path / "cnn.zarr")]) == 0
+    assert "maps (H x W x C) 8x8x8, 8x8x16, 4x4x32, 2x2x64" in capsys.readouterr().out
+    shards = export_webdataset(store, str(tmp_path / "export"), splits=["test"])
+    with tarfile.open(shards[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    document = next(name for name in sorted(members) if name.endswith(".json"))
+    example_id = json.loads(members[document])["example_id"]  # e.g. dots/002.png, its key dots/002%2Epng
+    stage = np.load(io.BytesIO(members[document[: -len("json")] + "layer_003.npy"]), allow_pickle=False)
+    assert stage.shape == (4, 4, 32)  # one (H, W, C) map per example
+    data = store.read_part(store.parts("test")[0])
+    row = list(data.example_id).index(example_id)
+    np.testing.assert_array_equal(stage, data.layers[3][row].numpy())

@@ -235,6 +235,20 @@ def test_peak_memory_catches_a_spike_freed_before_the_block_ends():
     assert peak.bytes >= 60 * 2**20
 
 
+def test_peak_allocated_counts_what_is_in_use_not_what_the_allocator_keeps():
+    from unipt.pipelines._memory import _mallinfo2
+
+    if _mallinfo2 is None:
+        pytest.skip("the C library has no mallinfo2 (not glibc >= 2.33)")
+    with PeakMemory("cpu", interval=0.002) as peak:
+        spike = torch.ones(16 * 2**20)  # 64 MiB in use for a while, then freed
+        time.sleep(0.1)
+        del spike
+        small = [torch.ones(1000) for _ in range(10)]  # ~40 kB: in use at the end, far below the spike
+    assert 60 * 2**20 <= peak.allocated_bytes < 80 * 2**20
+    del small
+
+
 def test_peak_memory_refuses_other_devices():
     with pytest.raises(ValueError, match="'cpu'.*'cuda'"):
         PeakMemory("meta")

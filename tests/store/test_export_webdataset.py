@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 import json
 from pathlib import Path
 
@@ -142,11 +143,24 @@ def test_refusals(tmp_path):
         export_webdataset(store, str(tmp_path / "full"))
 
 
-def test_example_id_with_a_dot_is_refused(tmp_path):
+def test_example_ids_with_dots_become_escaped_keys_and_reserved_ids_are_refused(tmp_path):
     store = FeatureStore.create(str(tmp_path / "s.zarr"), layers=[0], layer_widths=[4], dtype="float32",
                                 label_names=[], provenance={})
-    writer = store.part_writer("train", 0, n_examples=1, n_tokens=2, source_start=0)
+    writer = store.part_writer("train", 0, n_examples=2, n_tokens=3, source_start=0)
+    writer.append({0: torch.arange(12.0).view(3, 4)})
+    writer.finish(["cats/file.1.png", "50%.txt"], [-1, -1], [2, 1])
+    (shard,) = export_webdataset(store, str(tmp_path / "out"))
+    with tarfile.open(shard) as tar:
+        names = sorted(tar.getnames())
+        documents = [json.loads(tar.extractfile(n).read()) for n in names if n.endswith(".json")]
+    assert names == ["50%25%2Etxt.json", "50%25%2Etxt.layer_000.npy",
+                     "cats/file%2E1%2Epng.json", "cats/file%2E1%2Epng.layer_000.npy"]
+    assert sorted(d["example_id"] for d in documents) == ["50%.txt", "cats/file.1.png"]
+
+    bad = FeatureStore.create(str(tmp_path / "b.zarr"), layers=[0], layer_widths=[4], dtype="float32",
+                              label_names=[], provenance={})
+    writer = bad.part_writer("train", 0, n_examples=1, n_tokens=2, source_start=0)
     writer.append({0: torch.zeros(2, 4)})
-    writer.finish(["file.txt"], [-1], [2])
-    with pytest.raises(ValueError, match=r"'file.txt' .* cannot be a webdataset key"):
-        export_webdataset(store, str(tmp_path / "out"))
+    writer.finish(["__key__"], [-1], [2])
+    with pytest.raises(ValueError, match=r"'__key__' .* cannot be a webdataset key"):
+        export_webdataset(bad, str(tmp_path / "out2"))
