@@ -107,7 +107,8 @@ class ExtractConfig:
     batch_size: int = 32
     """Examples per forward pass (batches are built from length-sorted examples)."""
     part_size: int = 1024
-    """Examples per part: the unit of work, resume and shuffling."""
+    """Examples per part: the unit of work, resume and shuffling. Image parts are decoded and processed whole
+    while the previous part runs, so two parts' pixel arrays are in memory (512 images at 224 px: ~300 MB)."""
     splits: Sequence[str] | None = None
     """Which splits to extract (None = every split of the source)."""
     writer_queue: int = 8
@@ -121,8 +122,9 @@ class ExtractConfig:
     """Times dask re-runs a part whose worker died or failed (parts are idempotent)."""
     max_grid: int | None = None
     """CNN feature maps: average-pool any map larger than max_grid x max_grid (by the smallest whole factor that
-    fits) before storing it. Early stages dominate a CNN store's size (MobileNetV2 at 128 px: the 32x32 map holds
-    more values than all later stages); 8 keeps a grid the UniPT CNN variant still pools by windows."""
+    fits) before storing it. Early stages are large (MobileNetV2 at 128 px: its 24 x 32 x 32 stride-4 map holds
+    more values than its 32-, 96- and 320-channel later stage maps together); 8 keeps a grid the UniPT CNN
+    variant still pools by windows. Measured sizes and accuracies: docs/benchmarks.md, "Vision"."""
     claim_ttl: float = 120.0
     """Seconds without a heartbeat after which another run may take over a part this run claimed (a run
     killed on the same host is taken over at once). Several runs may extract into one store together."""

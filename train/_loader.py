@@ -144,13 +144,15 @@ class ActivationLoader:
         parts = [self.parts[i] for i in order]
         buffer: list[_Ref] = []
         with ThreadPoolExecutor(self.config.decode_threads) as pool:
-            ahead = self.config.prefetch_parts + 1
+            # While part k is consumed, parts k+1 .. k+prefetch_parts are decoding (part k+prefetch_parts is
+            # submitted when k is taken, not earlier: one more in flight would be one more part in memory).
+            ahead = self.config.prefetch_parts
             futures = [pool.submit(self._read, p) for p in parts[:ahead]]
             for k in range(len(parts)):
-                part = futures[k].result()
-                futures[k] = None  # drop the reference: the part lives on only through the buffer
                 if k + ahead < len(parts):
                     futures.append(pool.submit(self._read, parts[k + ahead]))
+                part = futures[k].result()
+                futures[k] = None  # drop the reference: the part lives on only through the buffer
                 buffer.extend((part, i) for i in range(part.info.n_examples))
                 if not self.shuffle:
                     full = len(buffer) - len(buffer) % self.batch_size
