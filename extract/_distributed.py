@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 from unipt.store import FeatureStore
 from unipt.store._claims import new_run_id
 
-from ._backbone import TextEncoder
-from ._runner import BackgroundWriter, Encoder, ExtractSummary, PartTask, extract_claimed_part, wait_for_other_runs
-from ._vision import VisionEncoder
+from ._runner import (BackgroundWriter, Encoder, ExtractSummary, PartTask, build_encoder, extract_claimed_part,
+                      wait_for_other_runs)
 from .config import BackboneConfig
 
 _ENCODERS: dict[str, Encoder] = {}
@@ -38,7 +37,7 @@ def worker_encoder(config: BackboneConfig, vision: dict | None = None) -> Encode
     """
     key = json.dumps([asdict(config), vision], sort_keys=True)
     if key not in _ENCODERS:
-        _ENCODERS[key] = TextEncoder(config) if vision is None else VisionEncoder(config, **vision)
+        _ENCODERS[key] = build_encoder(config, vision)
         _LOADS[key] = _LOADS.get(key, 0) + 1
     return _ENCODERS[key]
 

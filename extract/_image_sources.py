@@ -48,6 +48,7 @@ from ._sources import (
     _sample_value,
     _tar_samples,
     assign_splits,
+    report_kept,
     webdataset_shards,
 )
 from .config import BAD_INPUT_POLICIES, check_split_rules
@@ -245,13 +246,7 @@ def load_image_source(config: ImageSourceConfig) -> SourceData:
                              "ids must be unique. Set source.id_column to a column holding a unique id.")
         first_row[key] = number
         records.append((key, row["image"], label, split, number, row["__origin__"]))
-    if not records:
-        if skipped:
-            raise ValueError(f"source {config.path} has no usable images: all {len(skipped)} were skipped as bad "
-                             f"input ({_count_reasons(skipped)})")
-        raise ValueError(f"source {config.path} has no images")
-    if skipped:
-        log.warning("%d bad source images skipped and recorded (%s)", len(skipped), _count_reasons(skipped))
+    report_kept(config.path, len(records), skipped, "images")
     if duplicates:
         log.info("%d images repeat an earlier image's content (%s)", duplicates,
                  "dropped" if config.dedupe else "kept: source.dedupe is off")

@@ -105,13 +105,23 @@ def load_examples(source: AnySourceConfig) -> SourceData:
     return load_image_source(source) if isinstance(source, ImageSourceConfig) else load_source(source)
 
 
-def make_encoder(source: AnySourceConfig, backbone: BackboneConfig, config: ExtractConfig) -> Encoder:
-    """The frozen encoder for this kind of source: a text model, or an image model behind its processor."""
+def encoder_options(source: AnySourceConfig, config: ExtractConfig) -> dict | None:
+    """None for a text source; for an image source, the VisionEncoder options (plain data: dask ships them)."""
     if isinstance(source, ImageSourceConfig):
-        return VisionEncoder(backbone, bad_input=source.bad_input, max_grid=config.max_grid)
+        return {"bad_input": source.bad_input, "max_grid": config.max_grid}
     if config.max_grid is not None:
         raise ValueError("extract.max_grid pools CNN feature maps; a text source has none: leave it unset")
-    return TextEncoder(backbone)
+    return None
+
+
+def build_encoder(backbone: BackboneConfig, vision: dict | None) -> Encoder:
+    """The frozen encoder: a text model, or (``vision`` options given) an image model behind its processor."""
+    return TextEncoder(backbone) if vision is None else VisionEncoder(backbone, **vision)
+
+
+def make_encoder(source: AnySourceConfig, backbone: BackboneConfig, config: ExtractConfig) -> Encoder:
+    """The frozen encoder for this kind of source."""
+    return build_encoder(backbone, encoder_options(source, config))
 
 
 def prefetch(items: Iterable[T], fn: Callable[[T], U]) -> Iterator[tuple[T, U]]:
@@ -243,9 +253,8 @@ def run_extraction(
         if config.workers or config.scheduler:
             from ._distributed import run_on_dask
 
-            vision = ({"bad_input": source.bad_input, "max_grid": config.max_grid}
-                      if isinstance(source, ImageSourceConfig) else None)
-            distributed, _ = run_on_dask(tasks, backbone, store_url, vision=vision, batch_size=config.batch_size,
+            distributed, _ = run_on_dask(tasks, backbone, store_url, vision=encoder_options(source, config),
+                                         batch_size=config.batch_size,
                                          writer_queue=config.writer_queue, workers=config.workers,
                                          scheduler=config.scheduler, retries=config.retries, run_id=run_id,
                                          claim_ttl=config.claim_ttl, storage_options=storage_options,

@@ -153,15 +153,9 @@ def load_source(config: SourceConfig) -> SourceData:
             example_id = row["__key__"] if keyed else text_id(text)
         split = row.get("__split__") or (str(row[config.split_column]) if config.split_column else None)
         records.append((example_id, text, label, split))
-    if not records:
-        if skipped:
-            raise ValueError(f"source {config.path} has no usable rows: all {len(skipped)} were skipped as bad "
-                             f"input ({_count_reasons(skipped)})")
-        raise ValueError(f"source {config.path} has no rows")
+    report_kept(config.path, len(records), skipped, "rows")
     if conflicts:
         log.warning("%d duplicated texts carried different labels; the first occurrence was kept", conflicts)
-    if skipped:
-        log.warning("%d bad source rows skipped and recorded (%s)", len(skipped), _count_reasons(skipped))
 
     label_names = _label_names([r[2] for r in records]) if config.label_column else []
     label_index = {name: i for i, name in enumerate(label_names)}
@@ -210,6 +204,17 @@ def _show_undecodable(text: str) -> str:
     match = _UNDECODABLE.search(text)
     start = max(0, match.start() - 20)
     return "near " + repr(text[start : match.start() + 20].encode("utf-8", "surrogateescape"))
+
+
+def report_kept(path: str, kept: int, skipped: list[Skipped], noun: str) -> None:
+    """Refuse a source that left nothing to extract (saying whether bad input took it all); warn of skips."""
+    if not kept:
+        if skipped:
+            raise ValueError(f"source {path} has no usable {noun}: all {len(skipped)} were skipped as bad "
+                             f"input ({_count_reasons(skipped)})")
+        raise ValueError(f"source {path} has no {noun}")
+    if skipped:
+        log.warning("%d bad source %s skipped and recorded (%s)", len(skipped), noun, _count_reasons(skipped))
 
 
 def _count_reasons(skipped: list[Skipped]) -> dict[str, int]:

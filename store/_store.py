@@ -271,11 +271,16 @@ class FeatureStore:
         return sorted(records, key=lambda r: r["source_row"])
 
     def _part_skipped(self) -> list[list]:
+        """The skip records of every committed part: one metadata read per part."""
         out = []
         for split in self.splits():
             group = self._split_group(split, create=False)
-            for info in self.parts(split):
-                out += group[info.name].attrs[fmt.COMMIT_ATTR].get("skipped", [])
+            for name in _child_names(group):
+                try:
+                    commit = group[name].attrs.get(fmt.COMMIT_ATTR)
+                except Exception:  # a metadata document cut short by a crash: not committed
+                    continue
+                out += (commit or {}).get("skipped", [])
         return out
 
     def record_skipped(self, records: Sequence[tuple[str, int, str]]) -> None:
