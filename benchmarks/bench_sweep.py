@@ -41,8 +41,9 @@ def read_seconds(store: FeatureStore, loader: LoaderConfig, epochs: int) -> floa
     """One run's reads with no model: train + validation every epoch, then test once."""
     t0 = time.perf_counter()
     for split, passes in (("train", epochs), ("validation", epochs), ("test", 1)):
-        batches = ActivationLoader(store, split, store.layers, batch_size=32, shuffle=split == "train",
-                                   config=loader)
+        train = split == "train"  # evaluation passes as the trainer makes them: in order, sorted by length
+        batches = ActivationLoader(store, split, store.layers, batch_size=32, shuffle=train,
+                                   length_sorted=not train, config=loader)
         for epoch in range(passes):
             batches.set_epoch(epoch)
             for _ in batches:

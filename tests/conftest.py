@@ -225,7 +225,9 @@ def assert_checkpoint_rebuilds(config, store: FeatureStore, checkpoint: str, tes
     loaded, _ = load_checkpoint(checkpoint)
     rebuilt, _, layers = build_model(config, store)
     rebuilt.load_state_dict(load_file(f"{checkpoint}/model.safetensors"))
-    loader = ActivationLoader(store, "test", layers, batch_size=64, shuffle=False, config=loader_config)
+    # batched as the trainer's test pass (the same sums, in the same order)
+    loader = ActivationLoader(store, "test", layers, batch_size=config.batch_size, shuffle=False, length_sorted=True,
+                              config=loader_config)
     batch = next(iter(loader))
     torch.testing.assert_close(loaded.eval()(batch.hidden_states, batch.mask),
                                rebuilt.eval()(batch.hidden_states, batch.mask), atol=0, rtol=0)

@@ -2,14 +2,17 @@
 
 Two ways through an epoch:
 
-* **memory** — every part is decoded once (in threads) and kept resident in its stored dtype; each epoch
-  is a full shuffle of all examples.
+* **memory** — every part is decoded once (in threads) into one resident copy of the split in its stored
+  dtype; each epoch is a full shuffle of all examples.
 * **stream** — part order is shuffled each epoch, parts are decoded a few ahead in background threads,
   and examples are mixed across parts through a shuffle buffer. A buffer of ``shuffle_buffer`` examples
   over parts of ``P`` examples mixes each example with ~``shuffle_buffer / P`` parts' worth of others.
+  What stays decoded is bounded by the buffer, not by the parts it has touched: the examples left in the
+  buffer from mostly consumed parts are copied out, so those parts can be freed (see :func:`_compacted`).
 
 Either way, examples are sorted by length within windows of ``bucket_batches`` batches before batching
-(so batches carry little padding) and batch order is shuffled again. Batches are padded with one gather
+(so batches carry little padding) and batch order is shuffled again. Unshuffled loaders keep the stored
+order, or with ``length_sorted`` (evaluation, where order does not matter) sort within windows as well. Batches are padded with one gather
 per part and layer; where a core is free for it (or the model is on a GPU) that happens on a background
 thread, so the training loop only takes ready batches off a queue.
 
@@ -23,8 +26,10 @@ import math
 import os
 import queue
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from contextlib import closing
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -73,9 +78,13 @@ class ActivationLoader:
         dtype: torch.dtype = torch.float32,
         pin_memory: bool = False,
         accelerator: bool = False,
+        length_sorted: bool = False,
     ):
         self.store, self.split, self.layers = store, split, list(layers)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        # Unshuffled batches sorted by length within windows: less padding, so less time and memory per
+        # batch (an evaluation pass scores every example the same in any order).
+        self.length_sorted = length_sorted
         self.config = config or LoaderConfig()
         self.dtype, self.pin_memory = dtype, pin_memory
         self.parts = store.parts(split)
@@ -96,7 +105,7 @@ class ActivationLoader:
         if mode == "auto":
             mode = "memory" if self.resident_bytes <= self.config.memory_budget_gb * 2**30 else "stream"
         self.mode = mode
-        self._resident: list[PartData] | None = None
+        self._resident: _Resident | None = None
         self.epoch = 0
         background = self.config.background
         spare_core = (os.cpu_count() or 1) > torch.get_num_threads()
@@ -105,6 +114,10 @@ class ActivationLoader:
     def set_epoch(self, epoch: int) -> None:
         """Seeds this epoch's shuffle: same seed and epoch, same batches."""
         self.epoch = epoch
+
+    def release(self) -> None:
+        """Free the decoded split that memory mode keeps between epochs (a later epoch decodes it again)."""
+        self._resident = None
 
     def __len__(self) -> int:
         return math.ceil(self.num_examples / self.batch_size)
@@ -130,58 +143,97 @@ class ActivationLoader:
     # ------------------------------------------------------------------ epoch plans
     def _memory_batches(self, rng: np.random.Generator) -> Iterator[list[_Ref]]:
         if self._resident is None:
-            with ThreadPoolExecutor(self.config.decode_threads) as pool:
-                self._resident = [_concatenate(list(pool.map(self._read, self.parts)))]
-        refs = [(part, i) for part in self._resident for i in range(part.info.n_examples)]
+            self._resident = self._read_resident()
+        refs = [(self._resident, i) for i in range(self._resident.info.n_examples)]
         if self.shuffle:
             refs = [refs[i] for i in rng.permutation(len(refs))]
             yield from self._bucketed(refs, rng)
         else:
-            yield from _chunks(refs, self.batch_size)
+            yield from self._in_order(refs)
 
     def _stream_batches(self, rng: np.random.Generator) -> Iterator[list[_Ref]]:
         order = rng.permutation(len(self.parts)) if self.shuffle else np.arange(len(self.parts))
-        parts = [self.parts[i] for i in order]
         buffer: list[_Ref] = []
+        window = self.batch_size * self.config.bucket_batches
+        with closing(self._decoded([self.parts[i] for i in order], self.config.prefetch_parts)) as parts:
+            for part in parts:
+                buffer.extend((part, i) for i in range(part.info.n_examples))
+                if not self.shuffle:  # whole batches in order; the rest waits for the next part
+                    full = len(buffer) - len(buffer) % self.batch_size
+                    yield from self._in_order(buffer[:full])
+                    buffer = buffer[full:]
+                while self.shuffle and len(buffer) >= max(self.config.shuffle_buffer, window):
+                    rng.shuffle(buffer)
+                    yield from self._bucketed(buffer[:window], rng)
+                    buffer = buffer[window:]
+                buffer = _compacted(buffer)
+        if self.shuffle:
+            rng.shuffle(buffer)
+            yield from self._bucketed(buffer, rng)
+        else:
+            yield from self._in_order(buffer)
+
+    def _bucketed(self, refs: list[_Ref], rng: np.random.Generator) -> Iterator[list[_Ref]]:
+        """Sort shuffled refs by length within windows, cut into batches, shuffle the batch order."""
+        for chunk in self._length_windows(refs):
+            batches = list(_chunks(chunk, self.batch_size))
+            for j in rng.permutation(len(batches)):
+                yield batches[j]
+
+    def _in_order(self, refs: list[_Ref]) -> Iterator[list[_Ref]]:
+        """Unshuffled batches: the stored order, or sorted by length within windows (``length_sorted``)."""
+        for chunk in self._length_windows(refs) if self.length_sorted else [refs]:
+            yield from _chunks(chunk, self.batch_size)
+
+    def _length_windows(self, refs: list[_Ref]) -> Iterator[list[_Ref]]:
+        window = self.batch_size * self.config.bucket_batches
+        for start in range(0, len(refs), window):
+            yield sorted(refs[start : start + window], key=lambda r: int(r[0].length[r[1]]))
+
+    # ------------------------------------------------------------------ decoding and padding
+    def _read(self, part) -> PartData:
+        return self.store.read_part(part, layers=self.layers)
+
+    def _decoded(self, parts: list[PartInfo], ahead: int) -> Iterator[PartData]:
+        """``parts`` decoded in order on the decode threads, at most ``ahead`` beyond the one handed out."""
         with ThreadPoolExecutor(self.config.decode_threads) as pool:
-            # While part k is consumed, parts k+1 .. k+prefetch_parts are decoding (part k+prefetch_parts is
-            # submitted when k is taken, not earlier: one more in flight would be one more part in memory).
-            ahead = self.config.prefetch_parts
+            # Part k + ahead is submitted when part k is handed out, not earlier: one more in flight would be
+            # one more decoded part in memory.
             futures = [pool.submit(self._read, p) for p in parts[:ahead]]
             for k in range(len(parts)):
                 if k + ahead < len(parts):
                     futures.append(pool.submit(self._read, parts[k + ahead]))
                 part = futures[k].result()
-                futures[k] = None  # drop the reference: the part lives on only through the buffer
-                buffer.extend((part, i) for i in range(part.info.n_examples))
-                if not self.shuffle:
-                    full = len(buffer) - len(buffer) % self.batch_size
-                    yield from _chunks(buffer[:full], self.batch_size)
-                    buffer = buffer[full:]
-                    continue
-                window = self.batch_size * self.config.bucket_batches
-                while len(buffer) >= max(self.config.shuffle_buffer, window):
-                    rng.shuffle(buffer)
-                    yield from self._bucketed(buffer[:window], rng)
-                    buffer = buffer[window:]
-        if self.shuffle:
-            rng.shuffle(buffer)
-            yield from self._bucketed(buffer, rng)
-        else:
-            yield from _chunks(buffer, self.batch_size)
+                futures[k] = None  # the consumer holds the only reference from here on
+                yield part
+                del part
 
-    def _bucketed(self, refs: list[_Ref], rng: np.random.Generator) -> Iterator[list[_Ref]]:
-        """Sort shuffled refs by length within windows, cut into batches, shuffle the batch order."""
-        window = self.batch_size * self.config.bucket_batches
-        for start in range(0, len(refs), window):
-            chunk = sorted(refs[start : start + window], key=lambda r: int(r[0].length[r[1]]))
-            batches = list(_chunks(chunk, self.batch_size))
-            for j in rng.permutation(len(batches)):
-                yield batches[j]
-
-    # ------------------------------------------------------------------ decoding and padding
-    def _read(self, part) -> PartData:
-        return self.store.read_part(part, layers=self.layers)
+    def _read_resident(self) -> "_Resident":
+        """The whole split decoded into one :class:`_Resident` part, filled part by part as they decode (a
+        split never exists twice in memory, as it would if the parts were decoded first and concatenated)."""
+        n_tokens = sum(p.n_tokens for p in self.parts)
+        columns: dict[str, list[np.ndarray]] = {"example_id": [], "label": [], "length": []}
+        layers: dict[int, torch.Tensor] = {}
+        scales: dict[int, torch.Tensor] = {}
+        row = 0
+        with closing(self._decoded(self.parts, self.config.decode_threads)) as parts:
+            for part in parts:
+                for source, into in ((part.layers, layers), (part.scales, scales)):
+                    for layer, t in source.items():
+                        if layer not in into:  # one extra all-zero row at the end: the padding row
+                            into[layer] = t.new_empty((n_tokens + 1, *t.shape[1:]))
+                            into[layer][n_tokens] = 0
+                        into[layer][row : row + len(t)] = t
+                for name, values in columns.items():
+                    values.append(getattr(part, name))
+                row += part.info.n_tokens
+        lengths = np.concatenate(columns["length"])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        info = PartInfo(self.split, "resident", len(lengths), n_tokens, 0, len(lengths))
+        return _Resident(info=info, example_id=np.concatenate(columns["example_id"]),
+                         label=np.concatenate(columns["label"]), length=lengths, offsets=offsets,
+                         layers=layers, scales=scales, padding_row=n_tokens)
 
     def _collate(self, refs: list[_Ref]) -> Batch:
         lengths = np.array([part.length[i] for part, i in refs], dtype=np.int64)
@@ -189,37 +241,23 @@ class ActivationLoader:
         mask = torch.arange(n)[None, :] < torch.from_numpy(lengths)[:, None]  # (B, N)
         labels = torch.tensor([int(part.label[i]) for part, i in refs], dtype=torch.int64)
         ids = [str(part.example_id[i]) for part, i in refs]
-        if isinstance(refs[0][0], _Resident):  # memory mode: one gather per layer, padding from the zero row
-            resident = refs[0][0]
-            starts = resident.offsets[np.array([i for _, i in refs])]
-            index = torch.from_numpy(starts[:, None] + np.arange(n)[None, :])  # (B, N) token rows
-            index = index.masked_fill_(~mask, resident.padding_row).view(-1)
-            hidden = []
-            for layer in self.layers:
-                scale = resident.scales.get(layer)
-                rows = dequantize(resident.layers[layer].index_select(0, index),
-                                  None if scale is None else scale.index_select(0, index), self.dtype)
-                hidden.append(self._shaped(rows.pin_memory() if self.pin_memory else rows, b, n))
-            return Batch(hidden, mask, labels, ids)
-        # Token rows to gather, grouped by part: source rows in the part's CSR arrays, destination rows in
-        # the flattened (B * N) batch. Then one gather + scatter per part and layer, instead of a copy per
-        # example and layer (the Python loop runs once per batch, not once per layer).
-        groups: dict[int, tuple[PartData, list[np.ndarray], list[np.ndarray]]] = {}
-        for row, (part, i) in enumerate(refs):
-            _, src, dst = groups.setdefault(id(part), (part, [], []))
-            src.append(np.arange(part.offsets[i], part.offsets[i] + lengths[row]))
-            dst.append(np.arange(row * n, row * n + lengths[row]))
-        index = [(part, torch.from_numpy(np.concatenate(src)), torch.from_numpy(np.concatenate(dst)))
-                 for part, src, dst in groups.values()]
+        if isinstance(refs[0][0], _Resident):  # memory mode: the split is one part with a zero row
+            source, rows = refs[0][0], np.array([i for _, i in refs])
+        else:
+            # The batch's token rows copied out of their parts in the stored dtype, one gather per part and
+            # layer, into one source with a zero row; then, as in memory mode, one gather per layer pads the
+            # batch. Measured on MiniLM tweets (7 layers, batches from ~14 parts): 2.1 ms per batch, against
+            # 4.5 ms when each part's rows were cast and scattered into a zeroed float32 batch.
+            source, rows = _gather(refs, padding_row=True)
+        starts = source.offsets[rows]
+        index = torch.from_numpy(starts[:, None] + np.arange(n)[None, :])  # (B, N) token rows of the source
+        index = index.masked_fill_(~mask, source.padding_row).view(-1)
         hidden = []
         for layer in self.layers:
-            out = torch.zeros(b * n, *self.row_shapes[layer], dtype=self.dtype, pin_memory=self.pin_memory)
-            for part, src, dst in index:
-                scale = part.scales.get(layer)  # int8 stores: dequantise in torch, after the gather
-                rows = dequantize(part.layers[layer].index_select(0, src),
-                                  None if scale is None else scale.index_select(0, src), self.dtype)
-                out.index_copy_(0, dst, rows)
-            hidden.append(self._shaped(out, b, n))
+            scale = source.scales.get(layer)  # int8 stores: dequantise in torch, after the gather
+            batch = dequantize(source.layers[layer].index_select(0, index),
+                               None if scale is None else scale.index_select(0, index), self.dtype)
+            hidden.append(self._shaped(batch.pin_memory() if self.pin_memory else batch, b, n))
         return Batch(hidden, mask, labels, ids)
 
     def _shaped(self, rows: torch.Tensor, b: int, n: int) -> torch.Tensor:
@@ -230,31 +268,71 @@ class ActivationLoader:
 
 @dataclass
 class _Resident(PartData):
-    """A whole split decoded into one part, each layer with one extra all-zero row at ``padding_row``:
-    a padded batch is then one gather per layer (padding positions gather the zero row). Measured against
+    """Rows in one part with one extra all-zero row at ``padding_row`` (memory mode: the whole split; stream
+    mode: one batch's examples): a padded batch is then one gather per layer (padding positions gather the
+    zero row). For memory mode, measured against
     the per-part gather + scatter (a batch of 32 drew from ~8 parts): UniPT r = 8 on MiniLM tweets went from
     0.84 to 0.93 of its speed on pre-padded tensors (r = 2: 0.92 either way)."""
 
     padding_row: int = 0
 
 
-def _concatenate(parts: list[PartData]) -> _Resident:
-    """The decoded parts of a split as one :class:`_Resident` part (see there)."""
-    first = parts[0].info
-    lengths = np.concatenate([p.length for p in parts])
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+def _compacted(refs: list[_Ref]) -> list[_Ref]:
+    """``refs`` with those into mostly consumed parts moved to a copy of just their rows.
+
+    A decoded part stays in memory while any of its examples waits in the shuffle buffer. When parts do not
+    fill the buffer in whole windows (a part of another size comes up), examples are left over from every
+    part, and drawn at random a part's last examples wait for ~log2(part size) rounds, each round keeping
+    another whole part alive: measured on MiniLM tweets (parts and buffer of 256 examples, one part ahead,
+    one part of 160), 8 decoded parts (~370 MiB) were alive at once for a 256-example buffer. Copying out
+    the rows left in parts that are at least half consumed bounds what is held to about twice the buffer
+    plus the part being read (3 parts there), at the price of one extra copy of those rows in their stored
+    dtype.
+    """
+    live = Counter(id(part) for part, _ in refs)
+    stale = {id(part) for part, _ in refs if 2 * live[id(part)] <= part.info.n_examples}
+    if not stale:
+        return refs
+    moved = [ref for ref in refs if id(ref[0]) in stale]
+    copy, rows = _gather(moved)
+    at = iter(rows)
+    return [(copy, int(next(at))) if id(part) in stale else (part, i) for part, i in refs]
+
+
+def _gather(refs: list[_Ref], padding_row: bool = False) -> tuple[PartData, np.ndarray]:
+    """The examples of ``refs`` copied into one new part (rows in their stored dtype, one gather per source
+    part and layer), and where each ref's example is in it. With ``padding_row``, a :class:`_Resident` with
+    an all-zero row after the last."""
+    groups: dict[int, list[int]] = {}  # source part -> positions in refs
+    for k, (part, _) in enumerate(refs):
+        groups.setdefault(id(part), []).append(k)
+    order = np.array([k for ks in groups.values() for k in ks])  # refs in the copy's example order
+    at = np.empty(len(refs), dtype=np.int64)
+    at[order] = np.arange(len(refs))
+    taken = [(refs[ks[0]][0], np.array([refs[k][1] for k in ks])) for ks in groups.values()]
+    index = [(part, torch.from_numpy(_token_rows(part.offsets, rows))) for part, rows in taken]
+    lengths = np.concatenate([part.length[rows] for part, rows in taken]).astype(np.int32)
+    offsets = np.zeros(len(refs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    info = PartInfo(first.split, "resident", len(lengths), total, 0, len(lengths))
 
-    def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([*tensors, tensors[0].new_zeros((1, *tensors[0].shape[1:]))])
+    def gathered(pick: Callable[[PartData], dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        out = {}
+        for layer, first in pick(taken[0][0]).items():
+            pieces = [pick(part)[layer].index_select(0, rows) for part, rows in index]
+            out[layer] = torch.cat(pieces + [first.new_zeros((1, *first.shape[1:]))] if padding_row else pieces)
+        return out
 
-    layers = {layer: stacked([p.layers[layer] for p in parts]) for layer in parts[0].layers}
-    scales = {layer: stacked([p.scales[layer] for p in parts]) for layer in parts[0].scales}
-    return _Resident(info=info, example_id=np.concatenate([p.example_id for p in parts]),
-                     label=np.concatenate([p.label for p in parts]), length=lengths, offsets=offsets,
-                     layers=layers, scales=scales, padding_row=total)
+    info = PartInfo(taken[0][0].info.split, "gathered", len(refs), int(offsets[-1]), 0, len(refs))
+    fields = dict(info=info, example_id=np.concatenate([part.example_id[rows] for part, rows in taken]),
+                  label=np.concatenate([part.label[rows] for part, rows in taken]), length=lengths,
+                  offsets=offsets, layers=gathered(lambda p: p.layers), scales=gathered(lambda p: p.scales))
+    return (_Resident(**fields, padding_row=int(offsets[-1])) if padding_row else PartData(**fields)), at
+
+
+def _token_rows(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The token rows of examples ``rows`` of a part with CSR ``offsets``, concatenated in that order."""
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

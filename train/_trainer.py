@@ -176,6 +176,9 @@ def fit_many(
     test_metrics: list[dict[str, float] | None] = [None] * len(trainers)
     test_loader = _optional_loader(store, first.test_split, layers, first.batch_size, loader_config, pin)
     if test_loader is not None:
+        for loader in (train_loader, eval_loader):  # memory mode: the decoded splits are not needed any more
+            if loader is not None:
+                loader.release()
         for run in trainers:
             run.release_training_state()
         best = [(load_checkpoint(run.checkpoint, map_location=device)[0].to(device), run.pick) for run in trainers]
@@ -388,14 +391,17 @@ def evaluate_checkpoint(checkpoint: str | Path, store: FeatureStore, split: str,
     model, config = load_checkpoint(checkpoint, map_location=dev)
     check_store_matches(config, store)
     loader = ActivationLoader(store, split, config["layers"], batch_size=batch_size, shuffle=False,
-                              config=loader_config or LoaderConfig())
+                              length_sorted=True, config=loader_config or LoaderConfig())
     return evaluate(model.to(dev), loader, dev, config["num_labels"])
 
 
 def _optional_loader(store, split, layers, batch_size, loader_config, pin) -> ActivationLoader | None:
+    """An evaluation loader: batches of the training size (a larger one would make evaluation, not training,
+    the memory peak; measured on MiniLM tweets, UniPT scoring at 64 peaked at 371 MiB vs 234 MiB at 32, in
+    the same time), sorted by length so they carry little padding."""
     if not split or split not in store.splits() or not store.parts(split):
         return None
-    return ActivationLoader(store, split, layers, batch_size=max(64, batch_size), shuffle=False,
+    return ActivationLoader(store, split, layers, batch_size=batch_size, shuffle=False, length_sorted=True,
                             config=loader_config, pin_memory=pin, accelerator=pin)
 
 

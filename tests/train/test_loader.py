@@ -6,6 +6,7 @@ import gc
 import threading
 import time
 import types
+import weakref
 from collections import Counter
 
 import numpy as np
@@ -386,3 +387,73 @@ def _split_into_parts(store, url, part_size: int):
         writer.finish(data.example_id[rows.start:rows.stop], data.label[rows.start:rows.stop],
                       data.length[rows.start:rows.stop])
     return FeatureStore.open(str(url))
+
+
+# --------------------------------------------------------------------------- what stays decoded
+def _most_parts_alive(store, monkeypatch, config: LoaderConfig, batch_size: int = 8) -> tuple[int, list[str]]:
+    """The most decoded parts alive at once during a shuffled stream epoch, and the epoch's example ids."""
+    alive: list[weakref.ref] = []
+    read = ActivationLoader._read
+
+    def tracked(self, part):
+        data = read(self, part)
+        alive.append(weakref.ref(data))
+        return data
+
+    monkeypatch.setattr(ActivationLoader, "_read", tracked)
+    loader = ActivationLoader(store, "train", [0], batch_size=batch_size, shuffle=True, seed=1, config=config)
+    most, ids = 0, []
+    for batch in loader:
+        most = max(most, sum(ref() is not None for ref in alive))
+        ids += batch.example_ids
+    return most, ids
+
+
+def test_stream_frees_parts_whose_examples_mostly_left_the_buffer(tmp_path, monkeypatch):
+    """A part stays decoded while any example of it waits in the shuffle buffer: without copying out the last
+    examples of mostly consumed parts, a buffer of one part kept many whole parts alive. The copy changes
+    no batch."""
+    store = write_tiny_store(str(tmp_path / "s.zarr"), widths=(8,), sizes=(("train", 512),))
+    store = _split_into_parts(store, tmp_path / "parts.zarr", part_size=32)  # 16 parts of 32
+    config = LoaderConfig(mode="stream", shuffle_buffer=32, bucket_batches=1, prefetch_parts=1, background="off")
+    most, ids = _most_parts_alive(store, monkeypatch, config)
+    with monkeypatch.context() as m:
+        m.setattr("unipt.train._loader._compacted", lambda refs: refs)
+        most_uncompacted, ids_uncompacted = _most_parts_alive(store, monkeypatch, config)
+    # the part being consumed, the one decoding ahead, and one more at most that is over half live
+    assert most <= 3, most
+    assert most_uncompacted >= 5, most_uncompacted
+    assert ids == ids_uncompacted and sorted(ids) == sorted(f"train-{k:03d}" for k in range(512))
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_length_sorted_batches_cover_the_split_with_less_padding(store_and_expected, mode):
+    store, expected = store_and_expected
+    config = LoaderConfig(mode=mode, bucket_batches=4, prefetch_parts=1, background="off")
+    sorted_loader = ActivationLoader(store, "train", list(LAYERS), batch_size=2, shuffle=False, length_sorted=True,
+                                     config=config)
+    stored_order = ActivationLoader(store, "train", list(LAYERS), batch_size=2, shuffle=False, config=config)
+    padded = {}
+    for name, loader in (("sorted", sorted_loader), ("stored", stored_order)):
+        batches = list(loader)
+        ids = [eid for b in batches for eid in b.example_ids]
+        assert sorted(ids) == sorted(expected) and len(ids) == N_EXAMPLES
+        padded[name] = sum(int((~b.mask).sum()) for b in batches)
+        for b in batches:
+            for row, eid in enumerate(b.example_ids):
+                assert torch.equal(b.hidden_states[1][row, : expected[eid][1]], expected[eid][2][2])
+    assert epoch_ids(sorted_loader, 1) == epoch_ids(sorted_loader, 0)  # deterministic, whatever the epoch
+    assert padded["sorted"] < padded["stored"], padded
+
+
+def test_memory_mode_release_frees_the_split_and_decodes_it_again(store_and_expected):
+    store, _ = store_and_expected
+    loader = make_loader(store, "memory-inline", shuffle=True, seed=2)
+    first = [(b.example_ids, [h.clone() for h in b.hidden_states]) for b in loader]
+    assert loader._resident is not None
+    loader.release()
+    assert loader._resident is None
+    again = [(b.example_ids, b.hidden_states) for b in loader]
+    assert [ids for ids, _ in again] == [ids for ids, _ in first]
+    for (_, a), (_, b) in zip(first, again):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
