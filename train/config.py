@@ -79,7 +79,9 @@ class LoaderConfig:
     shuffle_buffer: int = 8192
     """Examples mixed across parts in stream mode (larger = closer to a full shuffle). Measured with 16 parts
     of 32 and batches of 16: a buffer of one part puts ~3 parts into each batch, four parts ~7, the whole split
-    ~10 (a uniform shuffle: ~10.3). Part order is reshuffled every epoch either way."""
+    ~10 (a uniform shuffle: ~10.3). Part order is reshuffled every epoch either way. Decoded memory is bounded
+    by the buffer: at most about twice the buffer's examples plus the part being read and those decoding
+    ahead (examples left over from mostly consumed parts are copied out, so those parts are freed)."""
     bucket_batches: int = 50
     """Batches per window that is sorted by length before batching (less padding, still shuffled)."""
     prefetch_parts: int = 2
