@@ -12,9 +12,10 @@ Two ways through an epoch:
 
 Either way, examples are sorted by length within windows of ``bucket_batches`` batches before batching
 (so batches carry little padding) and batch order is shuffled again. Unshuffled loaders keep the stored
-order, or with ``length_sorted`` (evaluation, where order does not matter) sort within windows as well. Batches are padded with one gather
-per part and layer; where a core is free for it (or the model is on a GPU) that happens on a background
-thread, so the training loop only takes ready batches off a queue.
+order, or with ``length_sorted`` (evaluation, where order does not matter) sort within windows as well.
+A batch is padded by one gather per layer from a source with a zero row (memory mode: the resident split;
+stream mode: a copy of the batch's rows); where a core is free for it (or the model is on a GPU) that
+happens on a background thread, so the training loop only takes ready batches off a queue.
 
 A store of CNN feature maps (layout "maps") goes through the same two plans: each example is one stored row
 per layer, a whole (H, W, C) map, and batches come out as (B, C, H, W) with an all-True (B, 1) mask.
@@ -28,8 +29,8 @@ import queue
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from contextlib import closing
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -246,7 +247,7 @@ class ActivationLoader:
         else:
             # The batch's token rows copied out of their parts in the stored dtype, one gather per part and
             # layer, into one source with a zero row; then, as in memory mode, one gather per layer pads the
-            # batch. Measured on MiniLM tweets (7 layers, batches from ~14 parts): 2.1 ms per batch, against
+            # batch. Measured on MiniLM tweets (7 layers, batches from ~14 parts): 3.2 ms per batch, against
             # 4.5 ms when each part's rows were cast and scattered into a zeroed float32 batch.
             source, rows = _gather(refs, padding_row=True)
         starts = source.offsets[rows]
@@ -270,9 +271,9 @@ class ActivationLoader:
 class _Resident(PartData):
     """Rows in one part with one extra all-zero row at ``padding_row`` (memory mode: the whole split; stream
     mode: one batch's examples): a padded batch is then one gather per layer (padding positions gather the
-    zero row). For memory mode, measured against
-    the per-part gather + scatter (a batch of 32 drew from ~8 parts): UniPT r = 8 on MiniLM tweets went from
-    0.84 to 0.93 of its speed on pre-padded tensors (r = 2: 0.92 either way)."""
+    zero row). In memory mode, against a gather + scatter per part (a batch of 32 drew from ~8 parts), UniPT
+    r = 8 on MiniLM tweets went from 0.84 to 0.93 of its speed on pre-padded tensors (r = 2: 0.92 either
+    way)."""
 
     padding_row: int = 0
 
