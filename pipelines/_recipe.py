@@ -13,7 +13,8 @@
 
 ``key=value`` overrides address any field by its dotted path (``train.unipt.lr=1e-3``,
 ``source.max_examples={train=20000}``); values are TOML literals, and bare words are strings. Unknown keys
-are refused with the list of valid ones.
+are refused with the list of valid ones, and a value of the wrong type is refused naming its field and the type
+it takes (``[train.unipt] epochs = 'five': expected an integer``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from unipt.extract import BackboneConfig, ExtractConfig, ImageSourceConfig, SourceConfig
-from unipt.train import LoaderConfig, TrainConfig, expand_sweep, get_method
+from unipt.train import MODEL_PREFIX, LoaderConfig, TrainConfig, expand_sweep, get_method
+
+from ._field_types import check_fields
 
 RECIPE_SUFFIX = ".toml"
 MODALITIES = {"text": SourceConfig, "image": ImageSourceConfig}  # [source] modality -> its config
@@ -146,7 +149,7 @@ def _source_config(values: Any) -> SourceConfig | ImageSourceConfig:
     """[source]: a text source, or with ``modality = "image"`` an image source."""
     values = dict(values) if isinstance(values, Mapping) else values
     modality = values.pop("modality", "text") if isinstance(values, dict) else "text"
-    if modality not in MODALITIES:
+    if not isinstance(modality, str) or modality not in MODALITIES:  # an array or table cannot be looked up
         raise ValueError(f"[source] modality must be one of {sorted(MODALITIES)}, got {modality!r}")
     return make_config(MODALITIES[modality], values, "[source]")
 
@@ -161,8 +164,16 @@ def _train_section(section: str, values: Any) -> dict[str, TrainConfig]:
     sweep = values.pop("sweep", {})
     if not isinstance(sweep, Mapping):
         raise ValueError(f"{where}: sweep must be a table of lists (sweep = {{ lr = [1e-4, 5e-4] }}), got {sweep!r}")
-    get_method(values.get("method", TrainConfig.method))  # fail early, listing the methods
     base = make_config(TrainConfig, values, where)
+    # Swept values are checked here, before expand_sweep builds configs from them: each against the field it
+    # sets, a model option against each method it may run with. Anything but a list is left to expand_sweep.
+    lists = {key: options for key, options in sweep.items() if isinstance(options, list)}
+    check_fields(TrainConfig, lists, where, "sweep.", swept=True)
+    swept_model = {key[len(MODEL_PREFIX):]: options for key, options in lists.items() if key.startswith(MODEL_PREFIX)}
+    for method in lists.get("method", [base.method]):
+        config_cls = get_method(method).config_cls  # an unknown method is refused, listing the methods
+        check_fields(config_cls, base.model, where, "model.")
+        check_fields(config_cls, swept_model, where, "sweep.model.", swept=True)
     if "method" not in sweep:
         get_method(base.method).make_config(base.model)  # validate the model options now
     try:
@@ -185,10 +196,12 @@ def select_runs(recipe: Recipe, names: Sequence[str] = ()) -> list[str]:
 
 
 def make_config(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """``cls(**values)``, refusing unknown keys with the list of valid ones and naming the section."""
+    """``cls(**values)``, refusing unknown keys with the list of valid ones and values of the wrong type, naming
+    the section."""
     if not isinstance(values, Mapping):
         raise ValueError(f"{where} must be a table of options, got {values!r}")
     _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, where)
+    check_fields(cls, values, where)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:

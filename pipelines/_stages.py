@@ -28,11 +28,12 @@ def extract_stage(recipe: Recipe, *, progress: bool = True) -> ExtractSummary:
 
 
 def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = False,
-                progress: bool = True) -> list[RunResult]:
+                progress: bool = True, allow_incomplete: bool = False) -> list[RunResult]:
     """Train ``runs`` (run or section names; default: all), results in recipe order.
 
     Runs that can share batches (unipt.train.PASS_FIELDS) train together from one pass over the store per
     epoch; ``separate`` gives every run its own passes instead (same results, for timing comparisons).
+    A store whose extraction has not finished is refused unless ``allow_incomplete``.
     """
     selected = select_runs(recipe, runs)
     store = FeatureStore.open(recipe.store)
@@ -46,7 +47,7 @@ def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = Fa
         log.info("training %s from %s%s", ", ".join(f"{name} ({c.method})" for name, c in group.items()),
                  recipe.store, together)
         for result in fit_many(group, store, recipe.checkpoints, loader_config=recipe.loader, log=metrics,
-                               progress=progress):
+                               progress=progress, allow_incomplete=allow_incomplete):
             log.info("%s: best epoch %d, %s", result.name, result.best_epoch, _fmt_metrics(result.eval_metrics))
             results[result.name] = result
     _save_resolved(recipe)

@@ -40,10 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_third_party()
     try:
         return args.handler(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, OverflowError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError, OverflowError) as exc:
         if args.debug:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else _os_error(exc) if isinstance(
+            exc, OSError) else exc
         print(f"unipt {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="train only this run, or every run of this sweep section (repeatable)")
     train.add_argument("--separate", action="store_true",
                        help="one pass over the store per run, instead of one per group of compatible runs (timing)")
+    train.add_argument("--allow-incomplete", action="store_true",
+                       help="train on the committed parts of a store whose extraction has not finished (default: "
+                            "refuse, naming what is missing)")
 
     ev = sub.add_parser("eval", parents=[common], help="score a checkpoint on a split of a feature store")
     ev.add_argument("checkpoint", help="a checkpoint folder (model.safetensors + config.json)")
@@ -85,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="split to score (default: test)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--allow-incomplete", action="store_true",
+                    help="score the committed parts of a split whose extraction has not finished")
     ev.set_defaults(handler=_cmd_eval)
 
     pr = sub.add_parser("predict", parents=[common], help="predict labels of raw texts: backbone + side network")
@@ -159,7 +165,8 @@ def _cmd_train(args) -> int:
     from ._stages import results_table, train_stage, write_report
 
     recipe = _recipe(args)
-    results = train_stage(recipe, args.run, separate=args.separate, progress=not args.quiet)
+    results = train_stage(recipe, args.run, separate=args.separate, progress=not args.quiet,
+                          allow_incomplete=args.allow_incomplete)
     print(results_table(results))
     write_report(recipe, results, None)
     return 0
@@ -185,7 +192,8 @@ def _cmd_eval(args) -> int:
     from unipt.train import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, FeatureStore.open(args.store), args.split,
-                                  batch_size=args.batch_size, device=args.device)
+                                  batch_size=args.batch_size, device=args.device,
+                                  allow_incomplete=args.allow_incomplete)
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}, indent=2))
     return 0
 
@@ -221,20 +229,35 @@ def _cmd_store_info(args) -> int:
     else:
         print(f"layers     {info['layers']}  widths {sorted(set(info['layer_widths']))}")
     print(f"labels     {info['label_names']}")
-    print(f"{'split':12s} {'parts':>6s} {'examples':>9s} {'tokens':>10s} {'truncated':>9s} {'MiB':>9s}")
+    print(f"checksums  " + (f"{info['chunk_checksum']} on every chunk, checked by every read" if info["chunk_checksum"]
+                            else "none on chunks (written by an older unipt: reads cannot detect changed bytes; "
+                                 "`unipt store verify` re-hashes every object)")
+          + ("; root metadata sha256 checked on open" if info["metadata_checksum"] else ""))
+    print(f"{'split':12s} {'parts':>9s} {'examples':>9s} {'tokens':>10s} {'truncated':>9s} {'MiB':>9s}")
     for split, row in info["splits"].items():
-        print(f"{split:12s} {row['parts']:6d} {row['examples']:9d} {row['tokens']:10d} {row['truncated']:9d} "
-              f"{row['bytes'] / 2**20:9.1f}")
+        planned = "" if row["planned_parts"] is None else f"/{row['planned_parts']}"
+        print(f"{split:12s} {str(row['parts']) + planned:>9s} {row['examples']:9d} {row['tokens']:10d} "
+              f"{row['truncated']:9d} {row['bytes'] / 2**20:9.1f}")
     per_value = info["bytes_per_value"]
     print(f"total {info['bytes'] / 2**20:.1f} MiB; {per_value:.3f} bytes per stored value" if per_value else "empty")
+    incomplete = [f"{split} {row['parts']} of {row['planned_parts']}" for split, row in info["splits"].items()
+                  if row["planned_parts"] is not None and row["parts"] < row["planned_parts"]]
+    if incomplete:
+        print(f"incomplete {', '.join(incomplete)} planned parts committed; re-run extraction to finish it")
+    for split, row in info["splits"].items():
+        for part, state in row["not_committed"].items():
+            if state != "uncommitted":  # uncommitted ones are listed with their claims below, or are leftovers
+                print(f"{state:10s} {split}/{part}: `unipt store verify` says why")
     if info["skipped"]:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(info["skipped"].items()))
         print(f"skipped    {sum(info['skipped'].values())} bad source rows ({reasons}); "
               "`unipt store skipped` lists them")
     for claim in info["in_progress"]:
         age = time.time() - float(claim["heartbeat"] or 0)
-        print(f"writing    {claim['split']}/{claim['part']} by pid {claim['pid']} on {claim['host']} "
-              f"(run {str(claim['run'])[:8]}, heartbeat {age:.0f}s ago)")
+        stale = claim["stale"]  # why another run may take the claim over, or None while its holder is alive
+        why = f"; stale, {stale}: the next extraction takes it over" if stale else ""
+        print(f"{'stale' if stale else 'writing':10s} {claim['split']}/{claim['part']} claimed by pid {claim['pid']} "
+              f"on {claim['host']} (run {str(claim['run'])[:8]}, heartbeat {age:.0f}s ago{why})")
     return 0
 
 
@@ -308,6 +331,19 @@ def _cmd_recipes(args) -> int:
         recipe = load_recipe(str(path))
         print(f"{name:24s} {recipe.description}")
     return 0
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a file system error: what failed, on which path, and what to check."""
+    if exc.filename is None:  # raised with a message of its own (unipt's, or a library's)
+        return str(exc)
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    hint = {PermissionError: "check that this user may write there (a store shared read-only can still be read: "
+                             "`unipt train` and `unipt eval` write only to the recipe's workdir)",
+            FileExistsError: "choose a path that does not exist yet",
+            IsADirectoryError: "it is a folder where a file was expected",
+            NotADirectoryError: "a part of the path is a file where a folder was expected"}.get(type(exc))
+    return f"{exc.strerror or exc}: {where}" + (f"; {hint}" if hint else "")
 
 
 def _quiet_third_party() -> None:

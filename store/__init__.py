@@ -8,7 +8,8 @@ from ._export import export_webdataset
 from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
 from ._format import DEFAULT_DTYPE, FORMAT_VERSION, layer_key, part_key
 from ._provenance import ProvenanceMismatch, check_provenance, provenance_diff
-from ._store import CorruptChunkError, FeatureStore, PartData, PartInfo, PartWriter, StoreError
+from ._store import (CorruptChunkError, FeatureStore, IncompleteStoreError, PartData, PartFolder, PartInfo, PartWriter,
+                     SplitStatus, StoreError)
 
 __all__ = [
     "FeatureStore",
@@ -22,6 +23,9 @@ __all__ = [
     "round_trip",
     "bytes_per_row",
     "CorruptChunkError",
+    "IncompleteStoreError",
+    "PartFolder",
+    "SplitStatus",
     "ProvenanceMismatch",
     "check_provenance",
     "verify",

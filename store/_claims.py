@@ -124,12 +124,7 @@ class Claims:
         return self._read(self._key(split, part))
 
     def is_stale(self, document: dict[str, Any]) -> bool:
-        if time.time() - float(document.get("heartbeat", 0)) > self.ttl:
-            return True
-        owner = document.get("owner", {})
-        if owner.get("host") == self.owner.host and owner.get("pid") is not None:
-            return not _process_alive(int(owner["pid"]), float(owner.get("process_started", 0)))
-        return False
+        return stale_reason(document, self.ttl) is not None
 
     def close(self) -> None:
         """Stop the heartbeat and release every claim still held (a run that failed gives its parts back)."""
@@ -169,7 +164,7 @@ class Claims:
     def _document(self, token: str, claimed: float | None = None) -> bytes:
         now = time.time()
         return json.dumps({"owner": asdict(self.owner), "token": token, "claimed": claimed or now,
-                           "heartbeat": now}).encode()
+                           "heartbeat": now, "ttl": self.ttl}).encode()
 
     def _key(self, split: str, part: str) -> str:
         return f"{CLAIMS_PREFIX}/{split}/{part}.json"
@@ -205,6 +200,30 @@ class Claims:
         sync(self._store.set_if_not_exists(path, default_buffer_prototype().buffer.from_bytes(data)))
         current = sync(self._store.get(path, default_buffer_prototype()))
         return current is not None and current.to_bytes() == data
+
+
+def stale_reason(document: dict[str, Any], ttl: float) -> str | None:
+    """Why a claim may be taken over, or None while its holder looks alive: no heartbeat for ``ttl``
+    seconds, or its holder ran on this host and that process is gone."""
+    silent = time.time() - float(document.get("heartbeat", 0))
+    if silent > ttl:
+        return f"no heartbeat for {silent:.0f}s"
+    owner = document.get("owner", {})
+    if owner.get("host") == socket.gethostname() and owner.get("pid") is not None:
+        if not _process_alive(int(owner["pid"]), float(owner.get("process_started", 0))):
+            return "its process is gone"
+    return None
+
+
+def claim_stale_reason(document: dict[str, Any]) -> str | None:
+    """:func:`stale_reason` judged by the ttl the claim was made with (older claims: the default)."""
+    return stale_reason(document, float(document.get("ttl", DEFAULT_TTL)))
+
+
+def claim_state(document: dict[str, Any]) -> str:
+    """"writing" while the claim's holder looks alive, else "stale (why)"."""
+    reason = claim_stale_reason(document)
+    return "writing" if reason is None else f"stale ({reason})"
 
 
 def list_claims(zarr_store, root_path: str) -> list[tuple[str, str, dict[str, Any]]]:

@@ -2,7 +2,8 @@
 
 A store is a Zarr v3 group::
 
-    <root>/                      attrs: unipt = {format_version, provenance, layers, layer_widths, ...}
+    <root>/                      attrs: unipt = {format_version, provenance, layers, layer_widths, plan,
+                                 chunk_checksum, ...}; unipt_sha256 = record_digest(unipt)
       <split>/                   one group per split (train, validation, test, ...)
         part-000000/             one immutable part = a contiguous range of source examples
           layer_000 ... layer_L  layout "tokens": (total_tokens, D_l) ragged tokens, CSR rows, no padding;
@@ -11,24 +12,36 @@ A store is a Zarr v3 group::
           example_id             (n_examples,) str: stable content hash or source key
           label                  (n_examples,) int64: index into attrs.label_names, -1 = unlabelled
           length                 (n_examples,) int32: tokens per example
-                                 attrs: unipt_part = {...}; unipt_commit = {...} written LAST
+                                 attrs: unipt_part = {...}; unipt_commit = {..., record_sha256} written LAST
 
       _skipped/                  source rows left out as bad input (extraction with bad_input = "skip"):
         example_id, source_row, reason   one entry per row; attrs: unipt_commit = {n, reasons} written LAST
       _claims/<split>/<part>.json  transient (not Zarr): which run is writing which part right now
 
 A part is visible to readers only once its ``unipt_commit`` attribute exists (the commit marker). Names
-starting with "_" are the store's own records, never splits.
+starting with "_" are the store's own records, never splits. Every chunk ends in a CRC-32C that reads check;
+the root and commit records carry the sha256 of their canonical JSON (docs/store-format.md, "Integrity").
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
 
 FORMAT_VERSION = 1
 
 # Attribute keys. Everything unipt writes lives under one key so user attrs never collide.
 ROOT_ATTR = "unipt"
+ROOT_DIGEST_ATTR = "unipt_sha256"  # beside ROOT_ATTR: record_digest of it, written with it at creation
 PART_ATTR = "unipt_part"
 COMMIT_ATTR = "unipt_commit"
+RECORD_DIGEST = "record_sha256"  # inside a commit record: record_digest of what it vouches for
+
+# Every chunk of a layer, scale and column array ends in a CRC-32C of its stored bytes (Zarr v3's crc32c
+# codec, inside the sharding codec for sharded arrays), checked by every read. Recorded in the root
+# metadata as "chunk_checksum"; stores written before it have no such key and no chunk checksums.
+CHUNK_CHECKSUM = "crc32c"
 
 # Per-example columns every part has, beside the per-layer arrays.
 OFFSETS = "offsets"
@@ -76,3 +89,10 @@ def part_index(key: str) -> int:
     if not key.startswith("part-"):
         raise ValueError(f"not a part name: {key!r} (expected 'part-NNNNNN')")
     return int(key[len("part-") :])
+
+
+def record_digest(record: Any) -> str:
+    """sha256 of a JSON record in canonical form (sorted keys, no whitespace): the same for the record as
+    written and as any JSON reader reads it back, so an edit to a single value changes it."""
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from . import _format as fmt
-from ._store import FeatureStore, StoreError, _child_names, _join
+from ._claims import claim_stale_reason, claim_state
+from ._store import CorruptChunkError, FeatureStore, StoreError, _child_names, _join
 
 
 @dataclass
 class Problem:
     where: str  # split/part/object key
-    kind: str  # missing | corrupt | unrecorded | unverifiable
+    kind: str  # missing | corrupt | unrecorded | unverifiable | damaged | unreadable | uncommitted | incomplete
     detail: str = ""
 
     def __str__(self) -> str:
@@ -46,14 +49,40 @@ async def _list(zstore, prefix: str) -> list[str]:
 
 
 def verify(store: FeatureStore) -> VerifyReport:
-    """Re-hash every object of every committed part and compare with the sha256 its commit recorded.
+    """Check everything training would read: re-hash every object of every committed part against the
+    sha256 its commit recorded, and check each part folder and split against the store's records.
 
-    Names each missing object, each whose bytes changed, and each stored object no commit mentions.
+    Names each missing object, each whose bytes changed, each stored object no commit mentions, each
+    commit record that fails its own checksum, each part folder that is unreadable or not committed (with
+    who claims it), and each split with fewer committed parts than extraction planned. (The root
+    metadata's checksum is checked when the store is opened.)
     """
     report = VerifyReport(store.url)
     prototype = default_buffer_prototype()
-    for split in store.splits():
-        for info in store.parts(split):
+    plan = store.plan or {}
+    claims = {(split, part): document for split, part, document in store.active_claims()}
+    for split in sorted(set(store.splits()) | set(plan)):
+        folders = store.part_folders(split)
+        committed = [f for f in folders if f.state == "committed"]
+        planned = plan.get(split, {}).get("parts")
+        if planned is not None and len(committed) < planned:
+            names = {f.name for f in committed}
+            absent = [fmt.part_key(i) for i in range(planned) if fmt.part_key(i) not in names]
+            report.problems.append(Problem(split, "incomplete", f"{len(committed)} of {planned} planned parts "
+                                           f"committed; not committed: {_shorten(absent)}"))
+        for folder in folders:
+            if folder.state == "committed":
+                continue
+            where = f"{split}/{folder.name}"
+            if folder.state == "uncommitted":
+                claim = claims.get((split, folder.name))
+                who = (f"claimed, {claim_state(claim)}" if claim is not None
+                       else "no claim: left by a run that stopped; the next extraction redoes it")
+                report.problems.append(Problem(where, "uncommitted", who))
+            else:  # damaged (a commit record failing its checksum) or unreadable (metadata cut short)
+                report.problems.append(Problem(where, folder.state, folder.detail))
+        for folder in committed:
+            info = folder.info
             report.parts += 1
             zstore, prefix = _store_and_prefix(store, split, info.name)
             recorded = store._root[split][info.name].attrs[fmt.COMMIT_ATTR].get("sha256")
@@ -76,7 +105,15 @@ def verify(store: FeatureStore) -> VerifyReport:
                     report.problems.append(Problem(where, "corrupt", f"sha256 {actual[:12]}…, recorded {digest[:12]}…"))
             for key in sorted(present - set(recorded) - {"zarr.json"}):
                 report.problems.append(Problem(f"{split}/{info.name}/{key}", "unrecorded", "not in the commit record"))
+    try:
+        store.skipped()  # the skip record's own checksum, and its arrays' chunks
+    except CorruptChunkError as exc:
+        report.problems.append(Problem(fmt.SKIPPED, "damaged", str(exc)))
     return report
+
+
+def _shorten(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def remove_part(store: FeatureStore, split: str, name: str) -> int:
@@ -89,9 +126,26 @@ def remove_part(store: FeatureStore, split: str, name: str) -> int:
     if name not in names:
         raise StoreError(f"{store.url} has no part {split}/{name}; parts: {names}")
     zstore, prefix = _store_and_prefix(store, split, name)
+    folder = _local_folder(store, split, name)
+    if folder is not None and folder.is_symlink():
+        # Only what unipt wrote is removed: the link's target is somebody's folder, maybe another store's part.
+        raise StoreError(f"{split}/{name} in {store.url} is a symbolic link to {os.readlink(folder)}, not a part "
+                         "unipt wrote here; remove the link yourself if that is what you want")
     keys = sync(_list(zstore, prefix))
-    sync(zstore.delete_dir(prefix))
+    try:
+        sync(zstore.delete_dir(prefix))
+    except OSError as exc:
+        done = len(keys) - len(sync(_list(zstore, prefix)))
+        raise StoreError(f"cannot delete {split}/{name} from {store.url}: {exc.strerror or exc} "
+                         f"({exc.filename or prefix}); {done} of {len(keys)} objects were deleted. Check that this "
+                         "user may write to the store, then run rm-part again") from exc
     return len(keys)
+
+
+def _local_folder(store: FeatureStore, *parts: str) -> Path | None:
+    """The folder on this machine's disk, for a store in a local folder; None for any other store."""
+    root = getattr(store._root.store, "root", None)
+    return None if root is None else Path(root, *store._root.path.split("/"), *parts)
 
 
 def describe(store: FeatureStore) -> dict[str, Any]:
@@ -99,8 +153,10 @@ def describe(store: FeatureStore) -> dict[str, Any]:
     splits = {}
     value_bytes = values = 0
     row_values = sum(math.prod(shape) for shape in store.row_shapes.values())
-    for split in store.splits():
-        parts = store.parts(split)
+    plan = store.plan or {}
+    for split in [*plan, *(s for s in store.splits() if s not in plan)]:  # planned splits even before extraction
+        folders = store.part_folders(split)
+        parts = [f.info for f in folders if f.state == "committed"]
         tokens = sum(p.n_tokens for p in parts)
         nbytes = 0
         for info in parts:
@@ -113,7 +169,11 @@ def describe(store: FeatureStore) -> dict[str, Any]:
                     value_bytes += size
         values += tokens * row_values
         splits[split] = {"parts": len(parts), "examples": sum(p.n_examples for p in parts), "tokens": tokens,
-                         "truncated": sum(p.truncated for p in parts), "bytes": nbytes}
+                         "truncated": sum(p.truncated for p in parts), "bytes": nbytes,
+                         "planned_parts": plan.get(split, {}).get("parts"),
+                         "planned_examples": plan.get(split, {}).get("examples"),
+                         # folders that are not (or no longer trustworthily) committed: state by part
+                         "not_committed": {f.name: f.state for f in folders if f.state != "committed"}}
     skipped: dict[str, int] = {}
     for record in store.skipped():
         skipped[record["reason"]] = skipped.get(record["reason"], 0) + 1
@@ -133,6 +193,10 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "skipped": skipped,  # bad source rows left out, by reason (`FeatureStore.skipped()` lists them)
         "in_progress": [{"split": split, "part": part, "run": doc.get("owner", {}).get("run"),
                          "host": doc.get("owner", {}).get("host"), "pid": doc.get("owner", {}).get("pid"),
-                         "heartbeat": doc.get("heartbeat")} for split, part, doc in store.active_claims()],
+                         "heartbeat": doc.get("heartbeat"), "stale": claim_stale_reason(doc)}
+                        for split, part, doc in store.active_claims()],
+        # None: written before unipt checksummed chunks (reads cannot detect bit flips; `verify` still can)
+        "chunk_checksum": store.chunk_checksum,
+        "metadata_checksum": store.metadata_checksummed,
         "provenance": store.provenance,
     }

@@ -5,19 +5,20 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from . import _format as fmt
 from ._dtypes import SCALE_SUFFIX, STORAGE_DTYPES, STORED_NUMPY, as_tensor, dequantize, encode
-from ._claims import Claims, Owner, list_claims
+from ._claims import Claims, Owner, claim_state, list_claims
 from ._provenance import check_provenance
-from ._recording import RecordingStore
+from ._wrappers import MissingObject, RecordingStore, StrictReads
 
 
 class StoreError(RuntimeError):
@@ -25,7 +26,12 @@ class StoreError(RuntimeError):
 
 
 class CorruptChunkError(StoreError):
-    """A stored object failed to decode; the message names the split, part and array."""
+    """A stored object is missing, fails its checksum or does not decode; the message names the split, part
+    and array."""
+
+
+class IncompleteStoreError(StoreError):
+    """Training or scoring was asked to read splits whose extraction has not finished."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,49 @@ class PartInfo:
     @property
     def index(self) -> int:
         return fmt.part_index(self.name)
+
+
+@dataclass(frozen=True)
+class PartFolder:
+    """What one part folder of a split holds, committed or not (see :meth:`FeatureStore.part_folders`)."""
+
+    split: str
+    name: str
+    state: str  # committed | uncommitted (no commit marker yet) | unreadable (metadata cut short) | damaged
+    info: PartInfo | None = None  # committed parts
+    detail: str = ""  # why it is unreadable or damaged
+
+
+@dataclass(frozen=True)
+class SplitStatus:
+    """How far extraction of one split has got (see :meth:`FeatureStore.split_status`)."""
+
+    split: str
+    committed_parts: int
+    committed_examples: int
+    planned_parts: int | None  # None: the store records no plan (written before unipt did) or lacks the split
+    planned_examples: int | None
+    uncommitted: tuple[str, ...] = ()  # part folders without a commit marker (being written, or left by a crash)
+    claims: tuple[str, ...] = ()  # "part-000004 (writing: pid 12 on host, run ab12cd34)" per claim held
+
+    @property
+    def complete(self) -> bool:
+        if self.uncommitted or self.claims:
+            return False
+        return self.planned_parts is None or self.committed_parts >= self.planned_parts
+
+    def describe(self) -> str:
+        if self.planned_parts is not None:
+            text = (f"{self.split}: {self.committed_parts} of {self.planned_parts} parts committed "
+                    f"({self.committed_examples:,} of {self.planned_examples:,} examples)")
+        else:
+            text = f"{self.split}: {self.committed_parts} parts committed ({self.committed_examples:,} examples)"
+        if self.claims:
+            text += f"; claimed: {', '.join(self.claims)}"
+        other = sorted(set(self.uncommitted) - {claim.split(" ", 1)[0] for claim in self.claims})
+        if other:
+            text += f"; not committed, no claim (left by a run that stopped): {', '.join(other)}"
+        return text
 
 
 @dataclass
@@ -73,8 +122,10 @@ class FeatureStore:
 
     def __init__(self, root: zarr.Group, url: str):
         self._root = root
+        self._reads = StrictReads(root.store)  # every array is read through it: a missing chunk is damage
         self.url = url
-        meta = root.attrs.get(fmt.ROOT_ATTR)
+        attrs = root.attrs.asdict()
+        meta = attrs.get(fmt.ROOT_ATTR)
         if meta is None:
             raise StoreError(f"{url} is a Zarr group but not a unipt feature store (no {fmt.ROOT_ATTR!r} attribute)")
         version = meta.get("format_version")
@@ -83,6 +134,12 @@ class FeatureStore:
                 f"{url} has store format version {version}; this unipt reads version {fmt.FORMAT_VERSION}. "
                 "Re-extract it or use the unipt release that wrote it."
             )
+        recorded = attrs.get(fmt.ROOT_DIGEST_ATTR)  # None: written before unipt recorded it
+        if recorded is not None and fmt.record_digest(meta) != recorded:
+            raise CorruptChunkError(
+                f"{url}: the store's root metadata (the {fmt.ROOT_ATTR!r} attribute of its zarr.json: labels, "
+                "layers, provenance) does not match the sha256 recorded when the store was created, so it was "
+                "edited or damaged since; restore zarr.json from a copy of the store, or re-extract it")
         self.meta: dict[str, Any] = meta
 
     # ----------------------------------------------------------------- opening
@@ -94,8 +151,15 @@ class FeatureStore:
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}; use FeatureStore.create to make a store")
         try:
             root = zarr.open_group(store=url, mode=mode, zarr_format=3, storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as exc:
+            if _is_file(url, storage_options):
+                raise StoreError(f"{url} is a file, not a feature store (a folder or prefix); check the path") from exc
             raise StoreError(f"no feature store at {url}: run `unipt extract` first, or check the path") from exc
+        except zarr.errors.ContainsArrayError as exc:
+            raise StoreError(f"{url} is a Zarr array, not a unipt feature store (a group)") from exc
+        except ValueError as exc:  # a root zarr.json that is not JSON, or not Zarr v3 metadata
+            raise CorruptChunkError(f"{url}: the store's root zarr.json cannot be read ({exc}); restore it from a "
+                                    "copy of the store, or re-extract it") from exc
         return cls(root, url)
 
     @classmethod
@@ -111,11 +175,17 @@ class FeatureStore:
         compression: str = fmt.DEFAULT_COMPRESSION,
         storage_options: dict | None = None,
         layer_shapes: Sequence[Sequence[int]] | None = None,
+        plan: Mapping[str, Mapping[str, int]] | None = None,
+        chunk_checksum: str | None = fmt.CHUNK_CHECKSUM,
     ) -> "FeatureStore":
         """Create a store, or re-open an existing one whose provenance matches (to resume into it).
 
         ``layer_shapes``: one (H, W, C) per layer for a store of fixed-shape feature maps (layout "maps",
         e.g. a CNN's stage maps, C = the layer's width); None = token rows (layout "tokens").
+        ``plan``: ``{split: {"examples": n, "parts": k}}`` for every split of the source, so readers can tell
+        a finished split from one whose extraction stopped (:meth:`split_status`). ``chunk_checksum``:
+        "crc32c" (default) ends every chunk in a checksum that every read checks; None writes none (only to
+        measure what checking costs).
 
         A store made from another backbone, source or extraction config is refused with the list of
         differing fields: mixing parts from two configs in one store would silently corrupt training.
@@ -146,7 +216,14 @@ class FeatureStore:
             **({} if layer_shapes is None else {"layout": fmt.MAPS, "layer_shapes": layer_shapes}),
             "provenance": json.loads(json.dumps(provenance)),  # JSON-normalised, as it will read back
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **({} if plan is None else {"plan": {split: {"examples": int(p["examples"]), "parts": int(p["parts"])}
+                                                 for split, p in plan.items()}}),
+            **({} if chunk_checksum is None else {"chunk_checksum": chunk_checksum}),
         }
+        if chunk_checksum not in (None, fmt.CHUNK_CHECKSUM):
+            raise ValueError(f"chunk_checksum must be {fmt.CHUNK_CHECKSUM!r} or None, got {chunk_checksum!r}")
+        if _is_file(url, storage_options):
+            raise StoreError(f"{url} is a file; a store is a folder (or prefix): choose a new or empty location")
         if _interrupted_creation(url, storage_options):
             mode = "w"  # only a root document from a creation cut short: nothing to lose, start it again
         else:
@@ -160,16 +237,18 @@ class FeatureStore:
                 # The attributes go in with the group's one metadata write: a store is a unipt store from its
                 # first byte, never a bare group that a crash could leave behind.
                 root = zarr.open_group(store=url, mode=mode, zarr_format=3, storage_options=storage_options,
-                                       attributes={fmt.ROOT_ATTR: meta})
+                                       attributes={fmt.ROOT_ATTR: meta, fmt.ROOT_DIGEST_ATTR: fmt.record_digest(meta)})
                 return cls(root, url)
             except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
                 root = _concurrently_created(url, storage_options)
                 if root is None:
                     raise StoreError(f"{url} exists and is not a unipt store; choose a new or empty location") from exc
         existing = cls(root, url)
+        # The plan follows from the source and its caps (which the provenance pins); the checksum setting
+        # stays the store's own, so a store written before checksums existed resumes as it is.
         check_provenance(
-            existing.meta,
-            meta,
+            {k: v for k, v in existing.meta.items() if k not in _STORE_OWN},
+            {k: v for k, v in meta.items() if k not in _STORE_OWN},
             what=f"cannot resume into {url}",
             hint="Extract into a new store URL, or delete the old store if it is no longer needed.",
         )
@@ -213,6 +292,23 @@ class FeatureStore:
     def read_only(self) -> bool:
         return self._root.read_only
 
+    @property
+    def plan(self) -> dict[str, dict[str, int]] | None:
+        """``{split: {"examples": n, "parts": k}}`` of the whole source, as extraction planned it; None for
+        stores written before unipt recorded it."""
+        plan = self.meta.get("plan")
+        return None if plan is None else {split: dict(p) for split, p in plan.items()}
+
+    @property
+    def chunk_checksum(self) -> str | None:
+        """"crc32c" when every chunk carries a checksum that reads check; None for older stores."""
+        return self.meta.get("chunk_checksum")
+
+    @property
+    def metadata_checksummed(self) -> bool:
+        """Whether the root metadata carries the sha256 that opening checks (stores written before: no)."""
+        return fmt.ROOT_DIGEST_ATTR in self._root.attrs
+
     def splits(self) -> list[str]:
         # Listed directly rather than through zarr's member scan, which warns about (and a strict reader
         # fails on) the `*.partial` temporary file a killed write can leave beside the split folders.
@@ -220,16 +316,17 @@ class FeatureStore:
                 if not name.startswith("_") and self._split_group(name, create=False) is not None]
 
     def parts(self, split: str) -> list[PartInfo]:
-        """Committed parts of ``split`` in index order. Uncommitted (half-written) parts are invisible."""
+        """Committed parts of ``split`` in index order. Uncommitted (half-written) parts are invisible; a part
+        whose commit record fails its checksum raises :class:`CorruptChunkError` naming it."""
+        return [folder.info for folder in self.part_folders(split, strict=True) if folder.info is not None]
+
+    def part_folders(self, split: str, *, strict: bool = False) -> list[PartFolder]:
+        """Every part folder of ``split`` in index order, committed or not, with its state. ``strict``: raise
+        on a damaged part instead of reporting it."""
         group = self._split_group(split, create=False)
         if group is None:
             return []
-        infos = []
-        for name in _child_names(group):
-            info = self._committed_info(group, split, name)
-            if info is not None:
-                infos.append(info)
-        return infos
+        return [self._part_folder(group, split, name, strict=strict) for name in _child_names(group)]
 
     def committed(self, split: str) -> set[str]:
         return {p.name for p in self.parts(split)}
@@ -237,7 +334,51 @@ class FeatureStore:
     def is_committed(self, split: str, name: str) -> bool:
         """Whether part ``name`` of ``split`` is committed: one metadata read, not a listing of the split."""
         group = self._split_group(split, create=False)
-        return group is not None and self._committed_info(group, split, name) is not None
+        return group is not None and self._part_folder(group, split, name, strict=True).info is not None
+
+    def split_status(self, split: str) -> SplitStatus:
+        """How much of ``split`` is committed, against the extraction plan when the store records one."""
+        folders = self.part_folders(split, strict=True)
+        committed = [f.info for f in folders if f.info is not None]
+        planned = (self.plan or {}).get(split)
+        claims = [f"{part} ({claim_state(document)}: {_claim_owner(document)})"
+                  for claim_split, part, document in self.active_claims() if claim_split == split]
+        return SplitStatus(
+            split, len(committed), sum(p.n_examples for p in committed),
+            None if planned is None else planned["parts"], None if planned is None else planned["examples"],
+            uncommitted=tuple(f.name for f in folders if f.info is None), claims=tuple(claims))
+
+    def check_complete(self, splits: Sequence[str], *, allow_incomplete: bool = False,
+                       warn: Callable[[str], None] | None = None) -> list[str]:
+        """Refuse to read ``splits`` unless their extraction has finished; returns the splits to use.
+
+        A split the store's plan names but has not (fully) committed, or one with parts still claimed or
+        left uncommitted, is refused with what is missing (:class:`IncompleteStoreError`); with
+        ``allow_incomplete`` the same text goes to ``warn`` and the committed parts are used. A split the
+        source never had (not in the plan) is dropped with a warning: no extraction would ever make it.
+        Stores that record no plan are judged by their claims and uncommitted parts alone.
+        """
+        warn = warn or (lambda message: None)
+        plan, usable, problems = self.plan, [], []
+        for split in splits:
+            if plan is not None and split not in plan:
+                warn(f"store {self.url} has no split {split!r}: its source has {sorted(plan)}")
+                continue
+            status = self.split_status(split)
+            if plan is None and not (status.committed_parts or status.claims or status.uncommitted):
+                warn(f"store {self.url} has no split {split!r} (it holds {self.splits()})")
+                continue
+            usable.append(split)
+            if not status.complete:
+                problems.append(status.describe())
+        if problems:
+            message = (f"store {self.url} is not completely extracted: " + "; ".join(problems) + ". Let the "
+                       "extraction finish (re-running it resumes: a claim whose run died is taken over)")
+            if not allow_incomplete:
+                raise IncompleteStoreError(message + ", or allow training on the committed parts only "
+                                           "(`--allow-incomplete`)")
+            warn(message + "; using the committed parts only, as asked")
+        return usable
 
     def num_examples(self, split: str) -> int:
         return sum(p.n_examples for p in self.parts(split))
@@ -259,13 +400,17 @@ class FeatureStore:
         records = [{"example_id": str(i), "source_row": int(r), "reason": str(why)}
                    for i, r, why in self._part_skipped()]
         try:
-            group = self._root[fmt.SKIPPED]
-            committed = fmt.COMMIT_ATTR in group.attrs
+            attrs = self._root[fmt.SKIPPED].attrs.asdict()
         except (KeyError, FileNotFoundError):
-            committed = False
-        if committed:
+            attrs = {}
+        if fmt.COMMIT_ATTR in attrs:
             where = f"{self.url} {fmt.SKIPPED}"
-            ids, rows, reasons = (_read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.SOURCE_ROW, fmt.REASON))
+            problem = _commit_problem(attrs)
+            if problem is not None:
+                raise CorruptChunkError(f"{where}: {problem}")
+            path, n = _join(self._root.path, fmt.SKIPPED), attrs[fmt.COMMIT_ATTR]["n"]
+            ids, rows, reasons = (_read_array(self._reads, path, key, where, n)
+                                  for key in (fmt.EXAMPLE_ID, fmt.SOURCE_ROW, fmt.REASON))
             records += [{"example_id": str(i), "source_row": int(r), "reason": str(why)}
                         for i, r, why in zip(ids, rows, reasons)]
         return sorted(records, key=lambda r: r["source_row"])
@@ -297,12 +442,13 @@ class FeatureStore:
         ids, rows, reasons = zip(*records)
         for key, values, dtype in ((fmt.EXAMPLE_ID, ids, str), (fmt.SOURCE_ROW, rows, "int64"), (fmt.REASON, reasons, str)):
             values = np.asarray(values, dtype=object if dtype is str else dtype)
-            arr = group.create_array(key, shape=values.shape, dtype=dtype, chunks=values.shape, config=_ALWAYS_WRITE)
-            arr[:] = values
+            compressor = _STRING_COMPRESSOR if dtype is str else _compressor(values.dtype.itemsize, self.meta["compression"])
+            _write_column(group, key, values, dtype, _byte_codecs(compressor, self.chunk_checksum))
         counts: dict[str, int] = {}
         for reason in reasons:
             counts[reason] = counts.get(reason, 0) + 1
-        group.attrs[fmt.COMMIT_ATTR] = {"n": len(records), "reasons": counts}
+        commit = {"n": len(records), "reasons": counts}
+        group.attrs[fmt.COMMIT_ATTR] = {**commit, fmt.RECORD_DIGEST: _commit_digest(None, commit)}
 
     def claims(self, run: str, ttl: float) -> Claims:
         """This process's claims on parts of this store, for extraction run ``run`` (see :mod:`._claims`)."""
@@ -326,7 +472,7 @@ class FeatureStore:
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write")
         split_group = self._split_group(split, create=True)
         name = fmt.part_key(index)
-        if self._committed_info(split_group, split, name) is not None:
+        if self._part_folder(split_group, split, name, strict=False).state in ("committed", "damaged"):
             raise StoreError(f"{split}/{name} is already committed in {self.url}; committed parts are immutable")
         if self.layout == fmt.MAPS and n_tokens != n_examples:
             raise ValueError(f"a maps store holds one row per example: n_tokens ({n_tokens}) must equal "
@@ -336,38 +482,33 @@ class FeatureStore:
         # marker lists them, and `verify` re-hashes what is there now (no read-back at write time).
         recorder = RecordingStore(self._root.store)
         group = zarr.open_group(store=recorder, path=_join(self._root.path, split, name), mode="w", zarr_format=3)
-        group.attrs[fmt.PART_ATTR] = {
-            "n_examples": n_examples,
-            "n_tokens": n_tokens,
-            "source_start": source_start,
-            "source_stop": source_start + n_examples,
-        }
-        return PartWriter(group, info, self.row_shapes, self.dtype, self.meta["compression"], recorder)
+        return PartWriter(group, info, self.row_shapes, self.dtype, self.meta["compression"], recorder,
+                          checksum=self.chunk_checksum)
 
     # ----------------------------------------------------------------- reading
     def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None) -> PartData:
         """Decode one committed part; ``layers`` (default: all stored) limits which layers are decoded."""
         split, name = (part.split, part.name) if isinstance(part, PartInfo) else part
         split_group = self._split_group(split, create=False)
-        info = None if split_group is None else self._committed_info(split_group, split, name)
+        info = None if split_group is None else self._part_folder(split_group, split, name, strict=True).info
         if info is None:
             raise StoreError(f"{split}/{name} is not a committed part of {self.url}")
         layers = self.layers if layers is None else list(layers)
         missing = sorted(set(layers) - set(self.layers))
         if missing:
             raise StoreError(f"layers {missing} are not in {self.url}; it stores layers {self.layers}")
-        group = split_group[name]
-        where = f"{self.url} {split}/{name}"
-        columns = {key: _read_array(group, key, where) for key in (fmt.EXAMPLE_ID, fmt.LABEL, fmt.LENGTH, fmt.OFFSETS)}
+        path, where = _join(self._root.path, split, name), f"{self.url} {split}/{name}"
+        n, rows = info.n_examples, info.n_tokens
+        read = lambda key, length: _read_array(self._reads, path, key, where, length)  # noqa: E731
+        columns = {key: read(key, length) for key, length in
+                   ((fmt.EXAMPLE_ID, n), (fmt.LABEL, n), (fmt.LENGTH, n), (fmt.OFFSETS, n + 1))}
+        _check_columns(columns, rows, where)
         decoded, scales = {}, {}
         for layer in layers:
             key = fmt.layer_key(layer)
-            arr = _read_array(group, key, where, complete=True)
-            if arr.shape[0] != info.n_tokens:
-                raise CorruptChunkError(f"{where}/{key} has {arr.shape[0]} rows, expected {info.n_tokens}")
-            decoded[layer] = as_tensor(arr, self.dtype)
+            decoded[layer] = as_tensor(read(key, rows), self.dtype)
             if self.dtype == "int8":
-                scales[layer] = torch.from_numpy(_read_array(group, key + SCALE_SUFFIX, where, complete=True))
+                scales[layer] = torch.from_numpy(read(key + SCALE_SUFFIX, rows))
         return PartData(
             info=info,
             example_id=columns[fmt.EXAMPLE_ID].astype(object),  # numpy StringDType -> python str
@@ -393,22 +534,37 @@ class FeatureStore:
         except (zarr.errors.ContainsGroupError, FileExistsError):
             return self._root[split]  # another run extracting into this store created it first
 
-    @staticmethod
-    def _committed_info(split_group: zarr.Group, split: str, name: str) -> PartInfo | None:
+    def _part_folder(self, split_group: zarr.Group, split: str, name: str, *, strict: bool) -> PartFolder:
+        """One part folder's state from its metadata document (one read)."""
         try:
             attrs = split_group[name].attrs.asdict()
-        except Exception:  # a metadata document cut short by a crash reads as "not committed"
-            return None
+        except KeyError:
+            return PartFolder(split, name, "uncommitted", detail="no metadata document yet")
+        except Exception as exc:  # a metadata document cut short by a crash reads as "not committed"
+            return PartFolder(split, name, "unreadable", detail=f"its zarr.json cannot be read ({type(exc).__name__})")
         commit = attrs.get(fmt.COMMIT_ATTR)
         if commit is None:
-            return None
-        return PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"],
+            return PartFolder(split, name, "uncommitted")
+        problem = _commit_problem(attrs)
+        if problem is not None:
+            if strict:
+                raise CorruptChunkError(f"{self.url} {split}/{name}: {problem}; `unipt store rm-part {self.url} "
+                                        f"{split} {name}` and re-run extraction to redo it")
+            return PartFolder(split, name, "damaged", detail=problem)
+        info = PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"],
                         commit["source_stop"], len(commit.get("truncated", ())))
+        return PartFolder(split, name, "committed", info)
 
 
 # Zarr skips chunks equal to the fill value by default; a part stores every chunk, so that a missing
 # object always means damage (an all-zero label column is a real column, not an absent one).
 _ALWAYS_WRITE = {"write_empty_chunks": True}
+# Root metadata that is the store's own rather than the extraction's: left out when a resuming run's
+# metadata is compared with the store's (the plan follows from the provenance; the checksum setting stays
+# as the store was created, so a store written before checksums resumes as it is).
+_STORE_OWN = ("plan", "chunk_checksum")
+# What Zarr picks for variable-length strings by default, named so that the checksum can follow it.
+_STRING_COMPRESSOR = ZstdCodec(level=0, checksum=False)
 
 
 class PartWriter:
@@ -420,9 +576,13 @@ class PartWriter:
     """
 
     def __init__(self, group: zarr.Group, info: PartInfo, row_shapes: Mapping[int, tuple[int, ...]], dtype: str,
-                 compression: str = fmt.DEFAULT_COMPRESSION, recorder: RecordingStore | None = None):
+                 compression: str = fmt.DEFAULT_COMPRESSION, recorder: RecordingStore | None = None, *,
+                 checksum: str | None = fmt.CHUNK_CHECKSUM):
         self.group, self.info, self.dtype = group, info, dtype
-        self.compression, self.recorder = compression, recorder
+        self.compression, self.recorder, self.checksum = compression, recorder, checksum
+        self.declared = {"n_examples": info.n_examples, "n_tokens": info.n_tokens,
+                         "source_start": info.source_start, "source_stop": info.source_stop}
+        group.attrs[fmt.PART_ATTR] = self.declared
         self._layers = list(row_shapes)
         self._arrays: dict[str, zarr.Array] = {}  # array key -> array (a layer, and its scales for int8)
         self._pending: dict[str, list[np.ndarray]] = {}
@@ -441,8 +601,8 @@ class PartWriter:
     def _add_array(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int) -> None:
         self._arrays[key] = self.group.create_array(
             key, shape=(self.info.n_tokens, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
-            shards=(shard_rows, *row_shape), compressors=_compressor(dtype.itemsize, self.compression), fill_value=0,
-            config=_ALWAYS_WRITE,
+            shards=(shard_rows, *row_shape), compressors=self._codecs(_compressor(dtype.itemsize, self.compression)),
+            fill_value=0, config=_ALWAYS_WRITE,
         )
         self._pending[key], self._pending_rows[key], self._written[key] = [], 0, 0
         self._block_rows[key] = shard_rows
@@ -495,7 +655,7 @@ class PartWriter:
         objects = {} if self.recorder is None else {
             key[len(prefix):]: digest for key, digest in sorted(self.recorder.digests.items())
             if key.startswith(prefix) and key != prefix + "zarr.json"}
-        self.group.attrs[fmt.COMMIT_ATTR] = {
+        commit = {
             "n_examples": n,
             "n_tokens": self.info.n_tokens,
             "source_start": self.info.source_start,
@@ -505,16 +665,18 @@ class PartWriter:
             **({"skipped": [[str(i), int(row), str(why)] for i, row, why in skipped]} if skipped else {}),
             "sha256": objects,
         }
+        # The record vouches for itself and the declared counts beside it: an edited n_examples, source
+        # range or object digest no longer matches (the objects' own digests cover everything else).
+        commit[fmt.RECORD_DIGEST] = _commit_digest(self.declared, commit)
+        self.group.attrs[fmt.COMMIT_ATTR] = commit
         return replace(self.info, truncated=len(truncated))
 
     def _write_column(self, key: str, values: np.ndarray, dtype: Any = None) -> None:
-        arr = self.group.create_array(
-            key, shape=values.shape, dtype=dtype or values.dtype, chunks=(max(1, values.shape[0]),),
-            compressors=_compressor(values.dtype.itemsize, self.compression) if dtype is None else "auto",
-            config=_ALWAYS_WRITE,
-        )
-        if values.shape[0]:
-            arr[:] = values
+        compressor = _compressor(values.dtype.itemsize, self.compression) if dtype is None else _STRING_COMPRESSOR
+        _write_column(self.group, key, values, dtype, self._codecs(compressor))
+
+    def _codecs(self, compressor) -> list:
+        return _byte_codecs(compressor, self.checksum)
 
     def _flush(self, key: str, *, final: bool) -> None:
         block_rows = self._block_rows[key]
@@ -551,26 +713,76 @@ def _compressor(itemsize: int, compression: str) -> BloscCodec:
                       typesize=itemsize)
 
 
-def _read_array(group: zarr.Group, key: str, where: str, complete: bool = False) -> np.ndarray:
-    """Decode ``group[key]``; errors name the part and array. ``complete``: refuse missing chunk objects,
-    which Zarr would otherwise read back as fill values."""
+def _byte_codecs(compressor, checksum: str | None) -> list:
+    """An array's bytes-to-bytes codecs: its compressor, then the chunk checksum when the store has one
+    (innermost last: the checksum covers the compressed bytes, so a read checks it before decompressing)."""
+    return [compressor, Crc32cCodec()] if checksum == fmt.CHUNK_CHECKSUM else [compressor]
+
+
+def _write_column(group: zarr.Group, key: str, values: np.ndarray, dtype: Any, compressors: list) -> None:
+    """A one-chunk array holding ``values`` (a per-example column, a skip record)."""
+    arr = group.create_array(key, shape=values.shape, dtype=dtype or values.dtype, chunks=(max(1, values.shape[0]),),
+                             compressors=compressors, config=_ALWAYS_WRITE)
+    if values.shape[0]:
+        arr[:] = values
+
+
+_REDO = "delete the part (`unipt store rm-part`) and re-run extraction to redo it"
+
+
+def _read_array(reads: StrictReads, group_path: str, key: str, where: str, length: int | None = None) -> np.ndarray:
+    """Decode the array ``key`` of the group at ``group_path`` through the strict reader, so a missing chunk
+    object is refused (Zarr would read it back as fill values) and a chunk failing its checksum is named;
+    ``length``: the rows the array must have. Errors name the part (``where``) and the array."""
     try:
-        array = group[key]
-        if complete:
-            expected = _stored_chunks(array)
-            if array.nchunks_initialized != expected:
-                raise CorruptChunkError(f"{where}/{key}: {expected - array.nchunks_initialized} of {expected} chunks "
-                                        "are missing; delete the part and re-run extraction to redo it")
-        return array[...]
-    except CorruptChunkError:
-        raise
-    except KeyError as exc:
-        raise CorruptChunkError(f"{where}: array {key!r} is missing") from exc
-    except Exception as exc:  # decoding errors surface as codec-specific exception types
-        raise CorruptChunkError(f"{where}/{key} failed to decode ({type(exc).__name__}: {exc}); "
-                                "delete the part and re-run extraction to redo it") from exc
+        array = zarr.open_array(store=reads, path=_join(group_path, key), mode="r", zarr_format=3)
+        values = array[...]
+    except MissingObject as exc:
+        relative = exc.key[len(group_path) + 1:] if exc.key.startswith(group_path + "/") else exc.key
+        raise CorruptChunkError(f"{where}/{key}: the stored object {relative} is missing; {_REDO}") from exc
+    except (FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
+        raise CorruptChunkError(f"{where}: array {key!r} is missing; {_REDO}") from exc
+    except Exception as exc:  # checksum and decoding errors surface as codec-specific exception types
+        checksum = "checksum" in str(exc).lower()
+        what = "fails its checksum (its bytes changed since they were written)" if checksum else "failed to decode"
+        raise CorruptChunkError(f"{where}/{key} {what} ({type(exc).__name__}: {exc}); {_REDO}") from exc
+    if length is not None and values.shape[0] != length:
+        raise CorruptChunkError(f"{where}/{key} has {values.shape[0]} rows, expected {length}; {_REDO}")
+    return values
 
 
+def _check_columns(columns: Mapping[str, np.ndarray], n_tokens: int, where: str) -> None:
+    """The per-example columns agree with each other and with the commit record's token count."""
+    offsets, length = columns[fmt.OFFSETS].astype(np.int64), columns[fmt.LENGTH].astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != n_tokens or not np.array_equal(np.diff(offsets), length):
+        raise CorruptChunkError(f"{where}: offsets and length do not describe the part's {n_tokens} token rows "
+                                f"(offsets end at {int(offsets[-1])}, lengths sum to {int(length.sum())}); {_REDO}")
+
+
+def _commit_digest(declared: Mapping[str, Any], commit: Mapping[str, Any]) -> str:
+    return fmt.record_digest({"part": declared, "commit": {k: v for k, v in commit.items() if k != fmt.RECORD_DIGEST}})
+
+
+def _commit_problem(attrs: Mapping[str, Any]) -> str | None:
+    """Why a part's commit record cannot be trusted, or None. Records written before unipt checksummed
+    them carry no digest and are taken as they are."""
+    commit = attrs[fmt.COMMIT_ATTR]
+    recorded = commit.get(fmt.RECORD_DIGEST) if isinstance(commit, Mapping) else None
+    if not isinstance(commit, Mapping) or (recorded is not None
+                                           and _commit_digest(attrs.get(fmt.PART_ATTR), commit) != recorded):
+        return "its commit record does not match the checksum written with it (it was edited or damaged)"
+    return None
+
+
+def _claim_owner(document: Mapping[str, Any]) -> str:
+    owner = document.get("owner", {})
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, run {str(owner.get('run', '?'))[:8]}"
+
+
+
+
+# Zarr's LocalStore writes a document through "<name>.<uuid4 hex>.partial" (Path.with_suffix) then renames it.
+_ROOT_WRITE_TEMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
 
 def _local_path(url: str) -> str:
@@ -579,11 +791,21 @@ def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _is_file(url: str, storage_options: dict | None) -> bool:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        return fs.isfile(path)
+    except (OSError, ValueError):
+        return False  # cannot look: the caller's own error stands
+
+
 def _interrupted_creation(url: str, storage_options: dict | None) -> bool:
     """True when ``url`` holds nothing but what a process killed while creating the store leaves: temporary
-    ``*.partial`` files of an atomic write (Zarr's LocalStore writes through them), and at most a root
-    zarr.json that is cut short or has no attributes at all. A group carrying anyone's attributes is not
-    touched."""
+    files of Zarr's atomic write of the root document (LocalStore writes ``zarr.<32 hex digits>.partial`` and
+    renames it), and at most a root zarr.json that is cut short or has no attributes at all. Anything else,
+    a user's file (``notes.partial`` included) or a group carrying anyone's attributes, is not touched."""
     import fsspec
 
     try:
@@ -591,9 +813,10 @@ def _interrupted_creation(url: str, storage_options: dict | None) -> bool:
         if not fs.isdir(path):
             return False
         names = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
-        names = {name for name in names if not name.endswith(".partial")}
+        leftovers = {name for name in names if _ROOT_WRITE_TEMP.fullmatch(name)}
+        names -= leftovers
         if not names:
-            return bool(fs.ls(path, detail=False))  # only leftovers of writes cut short
+            return bool(leftovers)  # only leftovers of the root document's write cut short
         if names != {"zarr.json"}:
             return False
         raw = fs.cat_file(f"{path.rstrip('/')}/zarr.json")
@@ -614,14 +837,6 @@ def _concurrently_created(url: str, storage_options: dict | None) -> zarr.Group 
     except Exception:
         return None
     return root if fmt.ROOT_ATTR in root.attrs else None
-
-
-def _stored_chunks(array: zarr.Array) -> int:
-    """Chunks a fully written array holds as Zarr counts them (whole shards times chunks per shard)."""
-    if array.shards is None:
-        return array.nchunks
-    shards = math.prod(math.ceil(n / s) for n, s in zip(array.shape, array.shards))
-    return shards * math.prod(s // c for s, c in zip(array.shards, array.chunks))
 
 
 def _child_names(group: zarr.Group, prefix: str | None = "part-") -> list[str]:

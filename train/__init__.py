@@ -5,7 +5,7 @@ from ._loader import ActivationLoader, Batch
 from ._methods import METHODS, get_method, resolve_layers
 from ._metrics import classification_metrics
 from ._pooling import ClassificationHead, masked_mean
-from ._sweep import expand_sweep, sweep_keys
+from ._sweep import MODEL_PREFIX, expand_sweep, sweep_keys
 from ._trainer import (PASS_FIELDS, MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint,
                        fit, fit_many, pass_groups)
 from .config import LoaderConfig, TrainConfig
@@ -29,6 +29,7 @@ __all__ = [
     "pass_groups",
     "PASS_FIELDS",
     "expand_sweep",
+    "MODEL_PREFIX",
     "sweep_keys",
     "evaluate",
     "evaluate_checkpoint",

@@ -86,13 +86,29 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
     config_path = directory / CONFIG
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} is not a unipt checkpoint (no {CONFIG})")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != CHECKPOINT_FORMAT or config.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not "
-                         f"{CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not JSON ({exc}): the checkpoint is damaged; restore it or train again") from exc
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or config.get("version") != CHECKPOINT_VERSION:
+        found = (config.get("format"), config.get("version")) if isinstance(config, dict) else (type(config).__name__, "?")
+        raise ValueError(f"{config_path}: format {found[0]!r} v{found[1]} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}")
     method = get_method(config["method"])
     model = method.build(method.make_config(config["model"]), config["layer_widths"], config["num_labels"])
-    model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(map_location)))
+    weights = directory / WEIGHTS
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory} has {CONFIG} but no {WEIGHTS}: the checkpoint is incomplete; restore "
+                                "it or train again") from None
+    except Exception as exc:  # safetensors reports a damaged header or a truncated file with its own error types
+        raise ValueError(f"{weights} cannot be read as safetensors ({type(exc).__name__}: {exc}): the checkpoint is "
+                         "damaged; restore it or train again") from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing or misshapen tensors: the weights are not those config.json describes
+        raise ValueError(f"{weights} does not hold the weights {config_path} describes ({exc}); restore the "
+                         "checkpoint or train again") from exc
     return model, config
 
 

@@ -14,6 +14,7 @@ scores every run's best checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from ._loader import ActivationLoader, Batch
 from ._methods import config_dict, get_method, resolve_layers
 from ._metrics import classification_metrics
 from .config import LoaderConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
 
 PASS_FIELDS = ("batch_size", "train_split", "eval_split", "test_split", "shuffle_seed", "device")
 """What runs trained in one pass must share: the batches (their size, splits and order) and the device."""
@@ -117,11 +120,13 @@ def fit(
     loader_config: LoaderConfig | None = None,
     log: MetricsLog | None = None,
     progress: bool = True,
+    allow_incomplete: bool = False,
 ) -> RunResult:
     """Train run ``name`` on ``config.train_split``; keep the best epoch on ``eval_split``; score ``test_split``.
 
     :func:`fit_many` with one run."""
-    (result,) = fit_many({name: config}, store, out_dir, loader_config=loader_config, log=log, progress=progress)
+    (result,) = fit_many({name: config}, store, out_dir, loader_config=loader_config, log=log, progress=progress,
+                         allow_incomplete=allow_incomplete)
     return result
 
 
@@ -133,6 +138,7 @@ def fit_many(
     loader_config: LoaderConfig | None = None,
     log: MetricsLog | None = None,
     progress: bool = True,
+    allow_incomplete: bool = False,
 ) -> list[RunResult]:
     """Train every run of ``runs`` (name -> config) from one pass over ``store`` per epoch.
 
@@ -143,6 +149,9 @@ def fit_many(
     Runs must share :data:`PASS_FIELDS` (:func:`pass_groups` splits a sweep into such groups); a run whose
     epochs or ``max_steps`` are spent stops stepping while the others go on. Results come in the order of
     ``runs``.
+
+    A store whose extraction has not finished for the runs' splits is refused (``allow_incomplete``: train
+    on its committed parts, with a warning); see :meth:`unipt.store.FeatureStore.check_complete`.
     """
     if not runs:
         raise ValueError("fit_many needs at least one run")
@@ -150,6 +159,14 @@ def fit_many(
     log = log or MetricsLog(None)
     loader_config = loader_config or LoaderConfig()
     first = next(iter(runs.values()))
+    if first.train_split not in store.check_complete(
+            [s for s in (first.train_split, first.eval_split, first.test_split) if s],
+            allow_incomplete=allow_incomplete, warn=_warn):
+        raise ValueError(f"store {store.url} has no train split {first.train_split!r} to fit on; it has "
+                         f"{store.splits()} (set train_split)")
+    if len(store.label_names) == 1:
+        _warn(f"store {store.url} has a single class ({store.label_names[0]!r}): a classifier learns nothing from "
+              "it; check the source's label column")
     device = resolve_device(first.device)
     pin = device.type == "cuda"
     # One loader over the union of the runs' layers; each run takes its own layers from every batch.
@@ -385,14 +402,22 @@ def _score(models: Sequence[tuple[nn.Module, list[int]]], loader: ActivationLoad
 
 
 def evaluate_checkpoint(checkpoint: str | Path, store: FeatureStore, split: str, *, batch_size: int = 64,
-                        device: str = "auto", loader_config: LoaderConfig | None = None) -> dict[str, float]:
-    """Score a saved checkpoint on ``split`` of ``store`` (refusing a store it was not trained for)."""
+                        device: str = "auto", loader_config: LoaderConfig | None = None,
+                        allow_incomplete: bool = False) -> dict[str, float]:
+    """Score a saved checkpoint on ``split`` of ``store`` (refusing a store it was not trained for, and a
+    split whose extraction has not finished unless ``allow_incomplete``)."""
     dev = resolve_device(device)
     model, config = load_checkpoint(checkpoint, map_location=dev)
     check_store_matches(config, store)
+    if split not in store.check_complete([split], allow_incomplete=allow_incomplete, warn=_warn):
+        raise ValueError(f"store {store.url} has no split {split!r}; it has {store.splits()}")
     loader = ActivationLoader(store, split, config["layers"], batch_size=batch_size, shuffle=False,
                               length_sorted=True, config=loader_config or LoaderConfig())
     return evaluate(model.to(dev), loader, dev, config["num_labels"])
+
+
+def _warn(message: str) -> None:
+    logger.warning("%s", message)
 
 
 def _optional_loader(store, split, layers, batch_size, loader_config, pin) -> ActivationLoader | None:

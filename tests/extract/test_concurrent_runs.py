@@ -75,3 +75,78 @@ def test_two_runs_at_once_share_the_parts_and_give_the_reference_store(tmp_path)
     report = verify(got)
     assert report.ok, report.problems
     assert not any(Path(shared).rglob("*.partial"))
+
+
+def test_a_run_that_waited_for_a_dead_run_counts_each_part_once(tmp_path, backbone, encoder):
+    """Run B waits for parts run A claimed; A commits two of them, then dies. B takes the rest over and its
+    summary counts the two parts once (as committed by another run), not once more when it claims them."""
+    import logging
+    import socket
+    import threading
+
+    import psutil
+
+    from unipt.extract import TextEncoder
+    from unipt.extract._runner import BackgroundWriter, ExtractSummary, extract_part, plan_parts
+    from unipt.extract._sources import load_source
+    from unipt.store._claims import Owner
+
+    csv = make_text_csv(tmp_path / "texts.csv", n=240)
+    source, url = SourceConfig(path=str(csv)), str(tmp_path / "shared.zarr")
+    config = ExtractConfig(part_size=PART_SIZE, batch_size=BATCH_SIZE, claim_ttl=30.0)
+    run_extraction(source, backbone, replace_splits(config, ["test"]), url, progress=False, encoder=encoder)
+    store = FeatureStore.open(url, mode="r+")
+    tasks = plan_parts("train", load_source(source).splits["train"], PART_SIZE)
+
+    # Run A: a live process holding a claim on every train part.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    owner = Owner("run-a", socket.gethostname(), holder.pid, psutil.Process(holder.pid).create_time())
+    claims = Path(url) / "_claims" / "train"
+    claims.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        (claims / f"{task.name}.json").write_text(json.dumps(
+            {"owner": owner.__dict__, "token": "a", "claimed": time.time(), "heartbeat": time.time(), "ttl": 30.0}))
+
+    result: dict = {}
+    waiting = threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record):
+            if "waiting for" in record.getMessage():
+                waiting.set()
+
+    handler, runner_log = Waiting(), logging.getLogger("unipt.extract._runner")
+    level = runner_log.level
+    runner_log.addHandler(handler)
+    runner_log.setLevel(logging.INFO)
+    runner = threading.Thread(target=lambda: result.setdefault(
+        "summary", run_extraction(source, backbone, config, url, progress=False, encoder=encoder)))
+    try:
+        runner.start()
+        assert waiting.wait(120), "run B never waited for run A's parts"
+        # Run A commits its first two parts, releases their claims, and dies holding the others.
+        mine, writer = TextEncoder(backbone), BackgroundWriter(2)
+        for task in tasks[:2]:
+            extract_part(mine, store, task, BATCH_SIZE, writer, ExtractSummary(store=url))
+        writer.close()
+        for task in tasks[:2]:
+            (claims / f"{task.name}.json").unlink()
+        holder.kill()
+        holder.wait()
+        runner.join(120)
+    finally:
+        runner_log.removeHandler(handler)
+        runner_log.setLevel(level)
+        holder.kill()
+    summary = result["summary"]
+    total = sum(len(FeatureStore.open(url).parts(s)) for s in ("train", "validation", "test"))
+    assert summary.parts_by_others == 2, summary.describe()
+    assert summary.parts_written == len(tasks) - 2 + len(FeatureStore.open(url).parts("validation"))
+    assert summary.parts_written + summary.parts_by_others + summary.parts_skipped == total
+    assert verify(FeatureStore.open(url)).ok
+
+
+def replace_splits(config: ExtractConfig, splits: list[str]) -> ExtractConfig:
+    from dataclasses import replace
+
+    return replace(config, splits=splits)

@@ -175,6 +175,32 @@ def test_table_missing_file_follows_the_bad_input_policy(tmp_path):
         load_image_source(ImageSourceConfig(path=str(tmp_path / "t.jsonl"), image_column="file"))
 
 
+def test_csv_table_rows_are_named_by_their_file_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes((5, 5, 5)))
+    (tmp_path / "t.csv").write_text('image,label,note\na.png,1,"two\nlines"\ngone.png,2,\na.png,1,,extra\n')
+    with pytest.raises(BadInputError, match=r"t\.csv line 4 \(row 2\) .*gone\.png does not exist"):
+        load_image_source(ImageSourceConfig(path=str(tmp_path / "t.csv")))
+    data = load_image_source(ImageSourceConfig(path=str(tmp_path / "t.csv"), bad_input="skip"))
+    assert [(s.row, s.reason) for s in data.skipped] == [(2, "missing file"), (3, "wrong field count")]
+
+
+def test_an_image_split_name_that_cannot_be_a_store_path_component_is_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes((5, 5, 5)))
+    (tmp_path / "t.csv").write_text("image,label,split\na.png,1,tr/ain\n")
+    with pytest.raises(ValueError, match=r"split name 'tr/ain' \(from the source's own splits.*path separator"):
+        load_image_source(ImageSourceConfig(path=str(tmp_path / "t.csv"), split_column="split"))
+    write_files(tmp_path / "folder", {"cat/a.png": image_bytes((1, 1, 1)), "dog/b.png": image_bytes((2, 2, 2))})
+    with pytest.raises(ValueError, match=r"split name 'tr/ain' \(from source.splits\)"):
+        load_image_source(ImageSourceConfig(path=str(tmp_path / "folder"), splits={"tr/ain": 0.8, "test": 0.2}))
+
+
+def test_an_image_source_with_one_class_warns(tmp_path, caplog):
+    write_files(tmp_path, {"cat/a.png": image_bytes((1, 1, 1)), "cat/b.png": image_bytes((2, 2, 2))})
+    with caplog.at_level("WARNING", logger="unipt.extract"):
+        load_image_source(ImageSourceConfig(path=str(tmp_path)))
+    assert "has label 'cat', so a classifier learns nothing" in caplog.text
+
+
 # --------------------------------------------------------------------------- webdataset
 def test_webdataset_shards_with_image_members(tmp_path):
     wds = pytest.importorskip("webdataset")

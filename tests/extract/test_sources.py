@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -252,7 +253,7 @@ def test_missing_columns_list_the_available_ones(tmp_path, rows):
 def test_empty_text_names_the_row(tmp_path, rows):
     bad = [dict(r) for r in rows[:10]]
     bad[3]["text"] = "   "
-    with pytest.raises(ValueError, match=r"row 4: empty 'text' value .*bad_input = \"skip\""):
+    with pytest.raises(ValueError, match=r"line 5 \(row 4\): empty 'text' value .*bad_input = \"skip\""):
         load_source(SourceConfig(path=str(write_csv(tmp_path / "d.csv", bad))))
     bad[3]["text"] = None
     with pytest.raises(ValueError, match="row 4"):
@@ -262,7 +263,7 @@ def test_empty_text_names_the_row(tmp_path, rows):
 def test_missing_label_names_the_row(tmp_path, rows):
     bad = [dict(r) for r in rows[:10]]
     bad[6]["label"] = ""
-    with pytest.raises(ValueError, match=r"row 7: missing 'label'"):
+    with pytest.raises(ValueError, match=r"line 8 \(row 7\): missing 'label'"):
         load_source(SourceConfig(path=str(write_csv(tmp_path / "d.csv", bad))))
     bad[6]["label"] = None
     with pytest.raises(ValueError, match=r"row 7: missing 'label'"):
@@ -293,6 +294,41 @@ def test_source_config_validation():
         SourceConfig(path="x.csv", max_examples={"train": 0})
     with pytest.raises(ValueError, match="source.format"):
         SourceConfig(path="x.csv", format="xml")
+
+
+@pytest.mark.parametrize("name, why", [("a/b", "path separator"), ("a\\b", "path separator"), ("", "is empty"),
+                                       (".", "only dots"), ("..", "only dots"), ("_parts", "reserves")])
+def test_a_split_name_that_cannot_be_a_store_path_component_is_refused(tmp_path, rows, name, why):
+    # From the source's split column ...
+    path = write_csv(tmp_path / "d.csv", [{**r, "part": name if i == 5 else "train"} for i, r in enumerate(rows[:20])],
+                     fieldnames=("text", "label", "part"))
+    with pytest.raises(ValueError, match=rf"split name {re.escape(repr(name))} \(from the source's own splits.*{why}"):
+        load_source(SourceConfig(path=str(path), split_column="part"))
+    # ... and from the hashed split fractions, whether or not any example hashes to it.
+    path = write_csv(tmp_path / "e.csv", rows[:20])
+    for splits in ({name: 0.8, "test": 0.2}, {"train": 0.999999, name: 0.000001}):
+        with pytest.raises(ValueError, match=rf"split name {re.escape(repr(name))} \(from source.splits\) .*{why}"):
+            load_source(SourceConfig(path=str(path), splits=splits))
+
+
+def test_a_source_with_one_class_warns(tmp_path, rows, caplog):
+    one = write_csv(tmp_path / "one.csv", [{**r, "label": "positive"} for r in rows[:20]])
+    with caplog.at_level("WARNING", logger="unipt.extract"):
+        load_source(SourceConfig(path=str(one)))
+    assert "every example of source" in caplog.text and "has label 'positive'" in caplog.text
+    assert "source.label_column ('label')" in caplog.text and "source.max_examples" in caplog.text
+    caplog.clear()
+    # One class left after bad rows are skipped counts too; two classes, or no labels, do not warn.
+    positive = [{**r, "label": "positive"} for r in rows[:20]]
+    bad = write_csv(tmp_path / "bad.csv", positive + [{"text": "", "label": "negative"}])
+    with caplog.at_level("WARNING", logger="unipt.extract"):
+        load_source(SourceConfig(path=str(bad), bad_input="skip"))
+    assert "has label 'positive'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unipt.extract"):
+        load_source(SourceConfig(path=str(write_csv(tmp_path / "two.csv", rows[:20]))))
+        load_source(SourceConfig(path=str(one), label_column=None))
+    assert "every example" not in caplog.text
 
 
 # --------------------------------------------------------------------------- pkg://

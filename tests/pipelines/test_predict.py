@@ -12,6 +12,7 @@ import torch
 
 from conftest import LABELS, make_text_csv, make_tiny_bert
 from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, load_source, run_extraction
+from unipt.extract._sources import BadInputError
 from unipt.pipelines._inference import SideNetworkPredictor, read_texts
 from unipt.pipelines.cli import main
 from unipt.store import STORAGE_DTYPES, FeatureStore, ProvenanceMismatch, dequantize
@@ -229,3 +230,25 @@ def test_read_texts_keeps_file_order_and_ids(tmp_path):
     assert ids is None and len(texts) == 5
     with open(path, newline="") as f:
         assert texts == [row["text"] for row in csv.DictReader(f)]
+
+
+def test_read_texts_reads_a_field_over_the_default_csv_limit(tmp_path):
+    long = ("good movie " * 20_000)[:200_000]  # csv refuses fields over 131,072 characters by default
+    path = tmp_path / "t.csv"
+    path.write_text(f"id,text\na,short one\nb,{long}\n")
+    assert read_texts(str(path)) == (["a", "b"], ["short one", long])
+
+
+def test_a_bad_row_tells_predict_users_to_fix_the_file(checkpoints, tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    path.write_text("text\ngood movie\n\"\"\nawful plot\n")  # an empty text on line 3
+    with pytest.raises(BadInputError) as info:
+        read_texts(str(path))
+    message = str(info.value)
+    assert message.endswith("t.csv line 3 (row 2): empty 'text' value ''. Fix or remove that row of the input file")
+    assert "source.bad_input" not in message  # a recipe option predict has no way to set
+    path.write_text("text\ngood movie\nhello, world\n")  # an unquoted comma: one field too many
+    assert main(["predict", str(checkpoints["float32"]), "--input", str(path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "t.csv line 3 (row 2): 2 field(s) where the header has 1" in err
+    assert "Fix or remove that row of the input file" in err and "source.bad_input" not in err

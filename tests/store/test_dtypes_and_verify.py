@@ -129,8 +129,10 @@ def test_remove_part_makes_it_redoable_and_is_refused_read_only(tmp_path):
 def test_describe_counts_bytes_per_value(tmp_path):
     store, _ = make_store(tmp_path / "s.zarr", "int8")
     info = describe(store)
-    assert info["splits"]["train"] == {"parts": 2, "examples": 6, "tokens": 18, "truncated": 0, "bytes": info["bytes"]}
+    assert info["splits"]["train"] == {"parts": 2, "examples": 6, "tokens": 18, "truncated": 0, "bytes": info["bytes"],
+                                       "planned_parts": None, "planned_examples": None, "not_committed": {}}
     assert info["skipped"] == {} and info["in_progress"] == []
+    assert info["chunk_checksum"] == "crc32c" and info["metadata_checksum"]
     assert info["dtype"] == "int8" and info["compression"] == "zstd"
     # random normals in int8 with a float32 scale per 8- or 12-wide row: ~1 byte/value + scales + headers
     assert 1.0 < info["bytes_per_value"] < 3.0
