@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import make_text_csv, make_tiny_bert
@@ -19,13 +20,15 @@ from unipt.store import FeatureStore, verify
 PART_SIZE = 8
 BATCH_SIZE = 4
 
-# One extraction run in its own process. It imports everything, then waits for the "go" file, so both runs
-# reach the store within a few milliseconds of each other; it prints its summary as JSON.
+# One extraction run in its own process. It imports everything, says so with its "ready" file, then waits for
+# the "go" file, so both runs reach the store within a few milliseconds of each other; it prints its summary
+# as JSON.
 RUN = r"""
 import json, os, sys, time
 from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, run_extraction
 from unipt.extract._runner import summary_dict
-model, csv, store, go = sys.argv[1:5]
+model, csv, store, go, ready = sys.argv[1:6]
+open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
 summary = run_extraction(SourceConfig(path=csv), BackboneConfig(model=model, device="cpu"),
@@ -43,9 +46,18 @@ def test_two_runs_at_once_share_the_parts_and_give_the_reference_store(tmp_path)
 
     shared, go = str(tmp_path / "shared.zarr"), tmp_path / "go"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    runs = [subprocess.Popen([sys.executable, "-c", RUN, str(model), str(csv), shared, str(go)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(4.0)  # both have imported torch and transformers and are polling for the go file
+    ready = [tmp_path / f"ready-{i}" for i in range(2)]
+    runs = [subprocess.Popen([sys.executable, "-c", RUN, str(model), str(csv), shared, str(go), str(flag)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flag in ready]
+    # Go once both have imported torch and transformers (slow the first time in a new environment, when
+    # Python compiles every module) and are polling for the go file.
+    deadline = time.monotonic() + 240
+    while not all(flag.exists() for flag in ready):
+        if time.monotonic() > deadline or any(run.poll() is not None for run in runs):
+            for run in runs:
+                run.kill()
+            pytest.fail("a concurrent run did not start: " + "".join(run.communicate()[1] for run in runs))
+        time.sleep(0.05)
     go.touch()
     summaries = []
     for run in runs:
