@@ -382,11 +382,11 @@ def _csv_rows(path: str, encoding: str, delimiter: str) -> Iterator[dict[str, An
                 return
             except csv.Error as exc:
                 fields, problem = [], _quote_error(exc, len(lines.taken))
+                # The record is its first line alone: the lines the broken quote swallowed are read again.
+                lines.read_again(lines.taken[1:])
+                lines.taken = lines.taken[:1]
                 reader = csv.reader(lines, delimiter=delimiter, strict=True)  # a clean start on the next line
             line, next_line = next_line, next_line + len(lines.taken)
-            if problem is not None and problem[0] == _UNBALANCED_QUOTE:  # the lines it swallowed are rows
-                lines.read_again(lines.taken[1:])
-                next_line = line + 1
             if header is None:
                 if problem is not None:
                     raise ValueError(f"{path} line {line}: the header cannot be read: {problem[1]}")

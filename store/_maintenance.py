@@ -61,7 +61,7 @@ def verify(store: FeatureStore) -> VerifyReport:
     prototype = default_buffer_prototype()
     plan = store.plan or {}
     claims = {(split, part): document for split, part, document in store.active_claims()}
-    for split in sorted(set(store.splits()) | set(plan)):
+    for split in _known_splits(store):
         folders = store.part_folders(split)
         committed = [f for f in folders if f.state == "committed"]
         planned = plan.get(split, {}).get("parts")
@@ -112,6 +112,12 @@ def verify(store: FeatureStore) -> VerifyReport:
     return report
 
 
+def _known_splits(store: FeatureStore) -> list[str]:
+    """The planned splits in plan order (even those not extracted yet), then any other split the store holds."""
+    plan = store.plan or {}
+    return [*plan, *(split for split in store.splits() if split not in plan)]
+
+
 def _shorten(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -154,7 +160,7 @@ def describe(store: FeatureStore) -> dict[str, Any]:
     value_bytes = values = 0
     row_values = sum(math.prod(shape) for shape in store.row_shapes.values())
     plan = store.plan or {}
-    for split in [*plan, *(s for s in store.splits() if s not in plan)]:  # planned splits even before extraction
+    for split in _known_splits(store):
         folders = store.part_folders(split)
         parts = [f.info for f in folders if f.state == "committed"]
         tokens = sum(p.n_tokens for p in parts)

@@ -72,7 +72,7 @@ class SplitStatus:
     planned_parts: int | None  # None: the store records no plan (written before unipt did) or lacks the split
     planned_examples: int | None
     uncommitted: tuple[str, ...] = ()  # part folders without a commit marker (being written, or left by a crash)
-    claims: tuple[str, ...] = ()  # "part-000004 (writing: pid 12 on host, run ab12cd34)" per claim held
+    claims: tuple[tuple[str, str], ...] = ()  # (part, "writing: pid 12 on host, run ab12cd34") per claim held
 
     @property
     def complete(self) -> bool:
@@ -87,8 +87,8 @@ class SplitStatus:
         else:
             text = f"{self.split}: {self.committed_parts} parts committed ({self.committed_examples:,} examples)"
         if self.claims:
-            text += f"; claimed: {', '.join(self.claims)}"
-        other = sorted(set(self.uncommitted) - {claim.split(" ", 1)[0] for claim in self.claims})
+            text += f"; claimed: {', '.join(f'{part} ({holder})' for part, holder in self.claims)}"
+        other = sorted(set(self.uncommitted) - {part for part, _ in self.claims})
         if other:
             text += f"; not committed, no claim (left by a run that stopped): {', '.join(other)}"
         return text
@@ -341,7 +341,7 @@ class FeatureStore:
         folders = self.part_folders(split, strict=True)
         committed = [f.info for f in folders if f.info is not None]
         planned = (self.plan or {}).get(split)
-        claims = [f"{part} ({claim_state(document)}: {_claim_owner(document)})"
+        claims = [(part, f"{claim_state(document)}: {_claim_owner(document)}")
                   for claim_split, part, document in self.active_claims() if claim_split == split]
         return SplitStatus(
             split, len(committed), sum(p.n_examples for p in committed),
@@ -601,7 +601,7 @@ class PartWriter:
     def _add_array(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int) -> None:
         self._arrays[key] = self.group.create_array(
             key, shape=(self.info.n_tokens, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
-            shards=(shard_rows, *row_shape), compressors=self._codecs(_compressor(dtype.itemsize, self.compression)),
+            shards=(shard_rows, *row_shape), compressors=_byte_codecs(_compressor(dtype.itemsize, self.compression), self.checksum),
             fill_value=0, config=_ALWAYS_WRITE,
         )
         self._pending[key], self._pending_rows[key], self._written[key] = [], 0, 0
@@ -673,10 +673,7 @@ class PartWriter:
 
     def _write_column(self, key: str, values: np.ndarray, dtype: Any = None) -> None:
         compressor = _compressor(values.dtype.itemsize, self.compression) if dtype is None else _STRING_COMPRESSOR
-        _write_column(self.group, key, values, dtype, self._codecs(compressor))
-
-    def _codecs(self, compressor) -> list:
-        return _byte_codecs(compressor, self.checksum)
+        _write_column(self.group, key, values, dtype, _byte_codecs(compressor, self.checksum))
 
     def _flush(self, key: str, *, final: bool) -> None:
         block_rows = self._block_rows[key]
@@ -730,7 +727,7 @@ def _write_column(group: zarr.Group, key: str, values: np.ndarray, dtype: Any, c
 _REDO = "delete the part (`unipt store rm-part`) and re-run extraction to redo it"
 
 
-def _read_array(reads: StrictReads, group_path: str, key: str, where: str, length: int | None = None) -> np.ndarray:
+def _read_array(reads: StrictReads, group_path: str, key: str, where: str, length: int) -> np.ndarray:
     """Decode the array ``key`` of the group at ``group_path`` through the strict reader, so a missing chunk
     object is refused (Zarr would read it back as fill values) and a chunk failing its checksum is named;
     ``length``: the rows the array must have. Errors name the part (``where``) and the array."""
@@ -746,7 +743,7 @@ def _read_array(reads: StrictReads, group_path: str, key: str, where: str, lengt
         checksum = "checksum" in str(exc).lower()
         what = "fails its checksum (its bytes changed since they were written)" if checksum else "failed to decode"
         raise CorruptChunkError(f"{where}/{key} {what} ({type(exc).__name__}: {exc}); {_REDO}") from exc
-    if length is not None and values.shape[0] != length:
+    if values.shape[0] != length:
         raise CorruptChunkError(f"{where}/{key} has {values.shape[0]} rows, expected {length}; {_REDO}")
     return values
 
@@ -779,12 +776,6 @@ def _claim_owner(document: Mapping[str, Any]) -> str:
     return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, run {str(owner.get('run', '?'))[:8]}"
 
 
-
-
-# Zarr's LocalStore writes a document through "<name>.<uuid4 hex>.partial" (Path.with_suffix) then renames it.
-_ROOT_WRITE_TEMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
-
-
 def _local_path(url: str) -> str:
     """``file://`` URLs become plain paths: Zarr's LocalStore creates folders as it writes; fsspec's local
     filesystem, reached through a URL, does not."""
@@ -799,6 +790,10 @@ def _is_file(url: str, storage_options: dict | None) -> bool:
         return fs.isfile(path)
     except (OSError, ValueError):
         return False  # cannot look: the caller's own error stands
+
+
+# Zarr's LocalStore writes a document through "<name>.<uuid4 hex>.partial" (Path.with_suffix) then renames it.
+_ROOT_WRITE_TEMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
 
 def _interrupted_creation(url: str, storage_options: dict | None) -> bool:
