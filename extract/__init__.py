@@ -1,9 +1,9 @@
 """unipt.extract — run a frozen backbone once and write its per-layer activations to a feature store."""
 
-from ._backbone import PreparedPart, TextEncoder, backbone_hashes, resolve_model_dir
+from ._backbone import PreparedPart, TextEncoder, TextInputs, backbone_hashes, resolve_model_dir
 from ._image_sources import (BadImage, ImageExample, ImagePreprocessor, ImageSourceConfig, decode_image,
                              load_image_source)
-from ._resolve import resolve_path
+from ._resolve import cache_dir, data_dir, resolve_path
 from ._runner import (
     BackgroundWriter,
     ExtractSummary,
@@ -30,9 +30,12 @@ __all__ = [
     "text_id",
     "hash_unit",
     "resolve_path",
+    "cache_dir",
+    "data_dir",
     "resolve_model_dir",
     "backbone_hashes",
     "TextEncoder",
+    "TextInputs",
     "VisionEncoder",
     "PreparedPart",
     "ImageSourceConfig",

@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from ._resolve import CONVERT_SCHEME, ensure_converted, resolve_path
 from ._sources import Skipped
+from ._targets import align_tags
 from .config import BackboneConfig
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -72,6 +73,7 @@ class PreparedPart:
     truncated: list[int] = field(default_factory=list)  # positions of examples cut to max_length (text)
     skipped: list[Skipped] = field(default_factory=list)  # examples found bad while preparing (broken images)
     seconds: float = 0.0
+    token_targets: list[list[int]] | None = None  # tagging: per example, one target per token (align_tags)
 
 
 def pick_device(device: str) -> torch.device:
@@ -86,6 +88,29 @@ def autocast_context(device: torch.device, autocast: str):
     if device.type != "cuda" or autocast == "off":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if autocast == "bfloat16" else torch.float16)
+
+
+@dataclass
+class TextInputs:
+    """What the tokenizer is given for a batch of examples: texts, texts with pairs, or lists of words."""
+
+    texts: list[str]
+    pairs: list[str] | None = None
+    words: list[tuple[str, ...]] | None = None
+
+    @classmethod
+    def of(cls, examples: Sequence[Any]) -> "TextInputs":
+        """From examples with ``.text`` and, where a source has them, ``.pair`` / ``.words``."""
+        texts = [ex.text for ex in examples]
+        if examples and getattr(examples[0], "words", None) is not None:
+            return cls(texts, words=[ex.words for ex in examples])
+        if examples and getattr(examples[0], "pair", None) is not None:
+            return cls(texts, pairs=[ex.pair for ex in examples])
+        return cls(texts)
+
+    def subset(self, rows: Sequence[int]) -> "TextInputs":
+        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+        return TextInputs(pick(self.texts), pick(self.pairs), pick(self.words))
 
 
 class TextEncoder:
@@ -109,36 +134,64 @@ class TextEncoder:
         self.stages = list(range(self.num_hidden_states))
 
     def prepare(self, examples: Sequence[Any]) -> PreparedPart:
-        """Tokenise a part's examples (``.text`` each) and find those cut to max_length."""
+        """Tokenise a part's examples and find those cut to max_length.
+
+        An example is one text (``.text``), a pair (``.pair`` set: encoded together through the tokenizer's
+        pair API) or a list of words (``.words`` set, tagging: its tags, ``.label``, are aligned to tokens)."""
         t0 = time.perf_counter()
-        texts = [ex.text for ex in examples]
-        features = self.tokenize(texts)
+        inputs = TextInputs.of(examples)
+        features = self.tokenize(inputs.texts, inputs.pairs, inputs.words)
         lengths = np.array([len(f["input_ids"]) for f in features], dtype=np.int64)
-        return PreparedPart(list(examples), features, lengths, self.truncated(texts, features), [],
-                            time.perf_counter() - t0)
+        token_targets = None
+        if inputs.words is not None:
+            token_targets = [align_tags(f["word_ids"], ex.label if isinstance(ex.label, tuple) else None)
+                             for f, ex in zip(features, examples)]  # an unlabelled example: nothing scored
+        return PreparedPart(list(examples), features, lengths, self.truncated(inputs, features), [],
+                            time.perf_counter() - t0, token_targets)
 
-    def tokenize(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
-        """Token ids per text (truncated to max_length, special tokens added, no padding)."""
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
+    def tokenize(self, texts: Sequence[str] | None, pairs: Sequence[str] | None = None,
+                 words: Sequence[Sequence[str]] | None = None) -> list[dict[str, list[int]]]:
+        """Token ids per input (truncated to max_length, special tokens added, no padding): texts, texts with
+        their pairs (the tokenizer's own pair encoding and truncation rule), or pre-split words (each
+        feature then also has ``word_ids``: the word each token comes from, None for special tokens)."""
+        if words is not None:
+            encoded = self.tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True,
+                                     max_length=self.max_length, padding=False)
+        elif pairs is not None:
+            encoded = self.tokenizer(list(texts), list(pairs), truncation=True, max_length=self.max_length,
+                                     padding=False)
+        else:
+            encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-        return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+        features = [{k: encoded[k][i] for k in keys} for i in range(len(encoded["input_ids"]))]
+        if words is not None:
+            for i, feature in enumerate(features):
+                feature["word_ids"] = encoded.word_ids(i)
+        return features
 
-    def truncated(self, texts: Sequence[str], features: Sequence[dict[str, list[int]]]) -> list[int]:
-        """Indices of the texts that :meth:`tokenize` cut to max_length.
+    def truncated(self, inputs: "TextInputs", features: Sequence[dict[str, list[int]]]) -> list[int]:
+        """Indices of the inputs that :meth:`tokenize` cut to max_length.
 
-        Only texts that came out exactly max_length long can have been cut; those (few) are tokenised again
+        Only inputs that came out exactly max_length long can have been cut; those (few) are tokenised again
         without truncation to tell "cut" from "fits exactly".
         """
         full = [i for i, f in enumerate(features) if len(f["input_ids"]) >= self.max_length]
         if not full:
             return []
-        lengths = self.tokenizer([texts[i] for i in full], truncation=False, padding=False,
-                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        some = inputs.subset(full)
+        plain = dict(truncation=False, padding=False, return_attention_mask=False, return_token_type_ids=False)
+        if some.words is not None:
+            lengths = self.tokenizer([list(w) for w in some.words], is_split_into_words=True, **plain)["input_ids"]
+        elif some.pairs is not None:
+            lengths = self.tokenizer(some.texts, some.pairs, **plain)["input_ids"]
+        else:
+            lengths = self.tokenizer(some.texts, **plain)["input_ids"]
         return [i for i, ids in zip(full, lengths) if len(ids) > self.max_length]
 
     @torch.no_grad()
     def hidden_states(self, features: list[dict[str, list[int]]]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Pad a batch, run the frozen model, return (hidden states (B, N, D) each, mask (B, N) bool)."""
+        features = [{k: v for k, v in f.items() if k != "word_ids"} for f in features]
         batch = self.tokenizer.pad(features, return_tensors="pt")
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast_context(self.device, self.config.autocast):

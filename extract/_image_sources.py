@@ -32,11 +32,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import _targets as targets
 from ._resolve import resolve_path
+from ._targets import check_task_options
 from ._sources import (
     _BAD,
     _READER_KEYS,
-    _UNDECODABLE,
     BadInputError,
     Skipped,
     SourceData,
@@ -45,7 +46,6 @@ from ._sources import (
     _csv_rows,
     _json_fields,
     _jsonl_rows,
-    _label_names,
     _sample_value,
     _tar_samples,
     assign_splits,
@@ -119,6 +119,11 @@ class ImageSourceConfig:
     dedupe: bool = False
     """Drop images whose content repeats an earlier one (first kept). Off by default: published image splits
     keep their duplicates, and their counts should match; stats["duplicate_images"] counts them either way."""
+    task: str = "classification"
+    """"classification" (one class per image) or "multilabel" (table/webdataset: label_column holds a list of
+    labels, or a string split on label_delimiter)."""
+    label_delimiter: str | None = None
+    """multilabel: split a string label on this (e.g. "|"); list values are taken as they are."""
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -129,6 +134,9 @@ class ImageSourceConfig:
         if self.format not in IMAGE_SOURCE_FORMATS:
             raise ValueError(f"source.format must be one of {IMAGE_SOURCE_FORMATS}, got {self.format!r}")
         check_split_rules(self.splits, self.split_column, self.max_examples)
+        if self.task not in ("classification", "multilabel"):
+            raise ValueError(f"an image source's task is \"classification\" or \"multilabel\", got {self.task!r}")
+        check_task_options(self.task, self.label_column, self.label_delimiter, None)
         if not 0.0 <= self.validation_from_train < 1.0:
             raise ValueError(f"source.validation_from_train must be in [0, 1), got {self.validation_from_train}")
 
@@ -137,7 +145,7 @@ class ImageSourceConfig:
 class ImageExample:
     id: str
     image: ImageData = field(repr=False)  # decoded late, by decode_image / ImagePreprocessor
-    label: int  # index into SourceData.label_names; -1 = unlabelled
+    label: Any  # index into SourceData.label_names (-1 = unlabelled); multilabel: a tuple of indices
     row: int  # 1-based position in the source's reading order (the Skipped record of a broken image)
     origin: str  # where the image is, for messages: a file path, "sample 'k' in shard.tar", "file image 7"
 
@@ -194,6 +202,9 @@ def _open_image_source(config: ImageSourceConfig) -> _Opened:
     if fmt in ("folder", "idx") and (config.id_column or config.split_column):
         raise ValueError(f"source.id_column / source.split_column do not apply to {fmt} sources ({config.path}): "
                          "their ids and splits come from file names; leave them unset")
+    if fmt in ("folder", "idx") and config.task != "classification":
+        raise ValueError(f"a {fmt} source has one class per image (its folder or label file); a {config.task} "
+                         "source is a table or webdataset whose label column lists each image's labels")
     if fmt == "folder":
         return _folder_rows(path, labelled=config.label_column is not None)
     if fmt == "idx":
@@ -235,7 +246,8 @@ def load_image_source(config: ImageSourceConfig) -> SourceData:
                                     "leave such images out (each is recorded in the store with its reason)")
             skipped.append(Skipped(number, key, reason))
             continue
-        label = row.get("label") if config.label_column else None
+        label = (targets.raw_target(config.task, row.get("label"), delimiter=config.label_delimiter)
+                 if config.label_column else None)
         split = row.get("__split__")
         fingerprint.update(f"{key}\x00{split}\x00{label}\x00{digest}\x00".encode("utf-8", "surrogateescape"))
         if digest in seen_content:
@@ -259,13 +271,14 @@ def load_image_source(config: ImageSourceConfig) -> SourceData:
         label_names = list(opened.class_names)
         label_index = {str(i): i for i in range(len(label_names))}
     else:
-        label_names = _label_names([r[2] for r in records]) if labelled else []
+        label_names = targets.target_names(config.task, [r[2] for r in records], ()) if labelled else []
         label_index = {name: i for i, name in enumerate(label_names)}
-    splits = assign_splits(((split, ImageExample(example_id, image, label_index[str(label)] if labelled else -1,
-                                                 number, origin))
+    splits = assign_splits(((split, ImageExample(example_id, image, targets.encode_target(config.task, label, label_index)
+                                                 if labelled else -1, number, origin))
                             for example_id, image, label, split, number, origin in records),
                            config.splits, config.max_examples, config.validation_from_train)
-    warn_if_one_class(config.path, splits, label_names, config.label_column)
+    if config.task == targets.CLASSIFICATION:
+        warn_if_one_class(config.path, splits, label_names, config.label_column)
     stats = {"rows": len(records) + dropped + len(skipped), "duplicate_images": duplicates,
              "duplicates_dropped": dropped, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}, "format": opened.format, **opened.stats}
@@ -278,11 +291,8 @@ def _row_problem(config: ImageSourceConfig, row: dict[str, Any]) -> tuple[str, s
     if _BAD in row:
         return row[_BAD], row["__detail__"]
     if config.label_column:
-        label = row.get("label")
-        if label is None or label == "":
-            return "missing label", f"missing {config.label_column!r} value"
-        if isinstance(label, str) and _UNDECODABLE.search(label):
-            return "undecodable label", f"{config.label_column!r} has bytes that are not valid utf-8"
+        return targets.target_problem(config.task, row.get("label"), config.label_column,
+                                      delimiter=config.label_delimiter)
     return None
 
 

@@ -4,6 +4,8 @@
   importing the package (some data packages fail on import).
 * ``convert://<name>``: a transformers folder that unipt converts once from weights another package ships
   (:data:`CONVERTERS`), cached under ``$UNIPT_CACHE`` (default ``~/.cache/unipt``)/models/<name>.
+* ``data://<dataset>/<file>``: a file that ``scripts/install_data.sh <dataset>`` prepared from registry
+  packages (``unipt.pipelines.datasets``), under ``$UNIPT_CACHE``/data.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 PKG_SCHEME = "pkg://"
 CONVERT_SCHEME = "convert://"
+DATA_SCHEME = "data://"
 # convert:// names -> (module in unipt.extract, function(out_dir) -> out_dir), and where the weights come from
 CONVERTERS = {
     "mobilenet_v2": ("_convert_mobilenet", "convert_torchvision_mobilenet_v2",
@@ -26,6 +29,11 @@ CONVERTERS = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("UNIPT_CACHE") or Path.home() / ".cache" / "unipt")
+
+
+def data_dir() -> Path:
+    """Where prepared datasets live (``data://`` paths)."""
+    return cache_dir() / "data"
 
 
 def converted_folder(spec: str) -> Path:
@@ -70,6 +78,14 @@ def resolve_path(spec: str) -> str:
     cache folder (see :func:`ensure_converted`); other specs unchanged."""
     if spec.startswith(CONVERT_SCHEME):
         return str(converted_folder(spec))
+    if spec.startswith(DATA_SCHEME):
+        inner = spec[len(DATA_SCHEME):].strip("/")
+        path = data_dir() / inner
+        if not path.exists():
+            dataset = inner.split("/", 1)[0]
+            raise FileNotFoundError(f"{spec}: dataset {dataset!r} is not prepared ({path} does not exist); run "
+                                    f"`scripts/install_data.sh {dataset}`")
+        return str(path)
     if not spec.startswith(PKG_SCHEME):
         return spec
     package, _, inner = spec[len(PKG_SCHEME) :].partition("/")

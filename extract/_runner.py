@@ -35,6 +35,7 @@ from unipt.store._format import SKIPPED
 from ._backbone import PreparedPart, TextEncoder
 from ._image_sources import ImageSourceConfig, load_image_source
 from ._sources import Example, SourceData, hash_unit, load_source
+from ._targets import target_rows
 from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
 
@@ -161,6 +162,12 @@ def resolve_extract_layers(selection, num_hidden_states: int, stages: Sequence[i
     return layers
 
 
+# Source fields added with tasks: recorded only where a source sets them, so the provenance of a store
+# extracted before they existed is what a resuming run computes.
+_TASK_SETTINGS = ("task", "text_pair_column", "label_delimiter", "target_columns", "group_column")
+_UNSET = {"task": "classification", "text_pair_column": None, "label_delimiter": None, "target_columns": None,
+          "group_column": None}
+
 PART_ORDER = "hash"  # recorded in the provenance: stores cut in another order must not be resumed
 
 
@@ -185,10 +192,12 @@ def extraction_provenance(source: AnySourceConfig, data: SourceData, encoder: En
     import zarr
 
     if isinstance(source, ImageSourceConfig):
-        settings = {"modality": "image", **{k: v for k, v in asdict(source).items() if k != "path"}}
-    else:  # the text source's fields as stores have always recorded them
+        settings = {"modality": "image", **{k: v for k, v in asdict(source).items()
+                                            if k != "path" and not (k in _UNSET and v == _UNSET[k])}}
+    else:  # the text source's fields as stores have always recorded them, and the task's where they are set
         settings = {key: getattr(source, key) for key in ("text_column", "label_column", "id_column", "dedupe",
                                                             "splits", "split_column", "max_examples", "bad_input")}
+        settings.update({key: getattr(source, key) for key in _TASK_SETTINGS if getattr(source, key) != _UNSET[key]})
     return {
         "backbone": encoder.provenance(),
         "source": {"location": source.path, "fingerprint": data.fingerprint, **settings},
@@ -237,6 +246,7 @@ def run_extraction(
             # every split of the source, whichever this run extracts: readers tell a finished split by it
             plan={split: {"examples": len(examples), "parts": math.ceil(len(examples) / config.part_size)}
                   for split, examples in data.splits.items()},
+            task=getattr(source, "task", "classification"),
         )
         run_id = new_run_id()
         summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})),
@@ -377,7 +387,8 @@ def extract_part(encoder: Encoder, store: FeatureStore, task: PartTask, batch_si
     if bar is not None and prepared.skipped:
         bar.update(len(prepared.skipped))
     ids = [examples[i].id for i in order]
-    labels = [examples[i].label for i in order]
+    labels = target_rows(store.task, [prepared.token_targets[i] if prepared.token_targets is not None
+                                      else examples[i].label for i in order], len(store.label_names))
     truncated = [examples[i].id for i in prepared.truncated]
     skipped = [(s.id, s.row, s.reason) for s in prepared.skipped]
     writer.submit(lambda: part["writer"].finish(ids, labels, lengths[order], truncated=truncated, skipped=skipped,

@@ -15,10 +15,11 @@ import json
 import logging
 import re
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from . import _targets as targets
 from ._resolve import resolve_path
 from .config import SourceConfig
 
@@ -42,8 +43,12 @@ _UNBALANCED_QUOTE = "unbalanced quote"
 @dataclass(frozen=True)
 class Example:
     id: str
-    text: str
-    label: int  # index into SourceData.label_names; -1 = unlabelled
+    text: str  # tagging: the words joined by spaces (for messages and ids; the words are encoded)
+    label: Any  # the task's target (_targets.encode_target): a class index (-1 = unlabelled), a tuple of label
+    #             indices, a tuple of floats, or a tuple of tag indices (one per word)
+    pair: str | None = None  # the second text of a pair (text_pair_column)
+    words: tuple[str, ...] | None = None  # tagging: the words, tagged one by one
+    group: str | None = None  # group_column's value: the split is drawn by it
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ def load_source(config: SourceConfig) -> SourceData:
     """
     rows, fingerprint, fmt = _open_source(config)
     keyed = fmt == "webdataset"  # the sample's __key__ is a stable source key: the default example id
-    records: list[tuple[str, str, Any, str | None]] = []  # (id, text, raw label, source split)
+    records: list[tuple[str, Example, Any, str | None]] = []  # (id, example without its target, raw target, split)
     skipped: list[Skipped] = []
     seen: dict[str, Any] = {}
     duplicates = conflicts = 0
@@ -158,29 +163,36 @@ def load_source(config: SourceConfig) -> SourceData:
                                     "leave such rows out (each is recorded in the store with its reason)")
             skipped.append(Skipped(number, _fallback_id(config, row, number, keyed), reason))
             continue
-        text = row[config.text_column]
-        label = row.get(config.label_column) if config.label_column else None
+        words = tuple(targets.words_of(row[config.text_column])) if config.task == targets.TAGGING else None
+        text = " ".join(words) if words is not None else row[config.text_column]
+        pair = row[config.text_pair_column] if config.text_pair_column else None
+        label = _raw_target(config, row)
+        content = text if pair is None else f"{text}\x00{pair}"  # what makes two rows the same example
         if config.dedupe:
-            if text in seen:
+            if content in seen:
                 duplicates += 1
-                conflicts += seen[text] != label
+                conflicts += seen[content] != label
                 continue
-            seen[text] = label
+            seen[content] = label
         if config.id_column:
             example_id = str(row[config.id_column])
         else:
-            example_id = row["__key__"] if keyed else text_id(text)
+            example_id = row["__key__"] if keyed else text_id(content)
         split = row.get("__split__") or (str(row[config.split_column]) if config.split_column else None)
-        records.append((example_id, text, label, split))
+        group = str(row[config.group_column]) if config.group_column else None
+        records.append((example_id, Example(example_id, text, None, pair, words, group), label, split))
     report_kept(config.path, len(records), skipped, "rows")
     if conflicts:
         log.warning("%d duplicated texts carried different labels; the first occurrence was kept", conflicts)
 
-    label_names = _label_names([r[2] for r in records]) if config.label_column else []
+    labelled = bool(config.label_column or config.target_columns)
+    label_names = targets.target_names(config.task, [r[2] for r in records], _target_columns(config)) if labelled else []
     label_index = {name: i for i, name in enumerate(label_names)}
-    splits = assign_splits(((split, Example(example_id, text, label_index[str(label)] if config.label_column else -1))
-                            for example_id, text, label, split in records), config.splits, config.max_examples)
-    warn_if_one_class(config.path, splits, label_names, config.label_column)
+    splits = assign_splits(((split, replace(example, label=targets.encode_target(config.task, label, label_index)
+                                            if labelled else -1))
+                            for _, example, label, split in records), config.splits, config.max_examples)
+    if config.task == targets.CLASSIFICATION:
+        warn_if_one_class(config.path, splits, label_names, config.label_column)
     stats = {"rows": len(records) + duplicates + len(skipped), "duplicates_dropped": duplicates,
              "label_conflicts": conflicts, "skipped": _count_reasons(skipped),
              "examples": {name: len(ex) for name, ex in splits.items()}}
@@ -199,20 +211,51 @@ def _row_problem(config: SourceConfig, row: dict[str, Any]) -> tuple[str, str] |
     """Why ``row`` cannot become an example, as (reason category, detail), or None when it can."""
     if _BAD in row:
         return row[_BAD], row["__detail__"]
-    text = row.get(config.text_column)
+    if config.task == targets.TAGGING:
+        problem = targets.words_problem(row.get(config.text_column), config.text_column)
+        if problem is not None:
+            return problem
+        if not config.label_column:  # words to tag, no tags (predict's inputs)
+            return None
+        n_words = len(targets.words_of(row[config.text_column]))
+        return targets.target_problem(config.task, row.get(config.label_column), config.label_column, n_words=n_words)
+    problem = _text_problem(config, row, config.text_column)
+    if problem is None and config.text_pair_column:
+        problem = _text_problem(config, row, config.text_pair_column)
+    if problem is not None:
+        return problem
+    for column in _target_columns(config):
+        problem = targets.target_problem(config.task, row.get(column), column, delimiter=config.label_delimiter)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _target_columns(config: SourceConfig) -> list[str]:
+    """The columns the targets are read from: target_columns (regression), else label_column (or none)."""
+    return list(config.target_columns or ([config.label_column] if config.label_column else []))
+
+
+def _raw_target(config: SourceConfig, row: dict[str, Any]) -> Any:
+    """A valid row's target in canonical form (regression: a tuple of its columns' values)."""
+    columns = _target_columns(config)
+    if not columns:
+        return None
+    if config.task == targets.REGRESSION:
+        return tuple(targets.raw_target(config.task, row[c]) for c in columns)
+    return targets.raw_target(config.task, row[columns[0]], delimiter=config.label_delimiter)
+
+
+def _text_problem(config: SourceConfig, row: dict[str, Any], column: str) -> tuple[str, str] | None:
+    """Why ``row[column]`` cannot be an input text, or None."""
+    text = row.get(column)
     if text is None or (isinstance(text, str) and not text.strip()):
-        return "empty text", f"empty {config.text_column!r} value {text!r}"
+        return "empty text", f"empty {column!r} value {text!r}"
     if not isinstance(text, str):
-        return "non-text value", f"{config.text_column!r} holds a {type(text).__name__} ({text!r}), not text"
+        return "non-text value", f"{column!r} holds a {type(text).__name__} ({text!r}), not text"
     if _UNDECODABLE.search(text):
-        return "undecodable text", (f"{config.text_column!r} has bytes that are not valid {config.encoding} "
+        return "undecodable text", (f"{column!r} has bytes that are not valid {config.encoding} "
                                     f"({_show_undecodable(text)}); set source.encoding if the file uses another one")
-    if config.label_column:
-        label = row.get(config.label_column)
-        if label is None or label == "":
-            return "missing label", f"missing {config.label_column!r} value"
-        if isinstance(label, str) and _UNDECODABLE.search(label):
-            return "undecodable label", f"{config.label_column!r} has bytes that are not valid {config.encoding}"
     return None
 
 
@@ -223,8 +266,8 @@ def _fallback_id(config: SourceConfig, row: dict[str, Any], number: int, keyed: 
     if keyed and "__key__" in row:
         return str(row["__key__"])
     text = row.get(config.text_column)
-    if isinstance(text, str) and text.strip() and not _UNDECODABLE.search(text):
-        return text_id(text)
+    if isinstance(text, str) and text.strip() and not _UNDECODABLE.search(text) and not config.text_pair_column:
+        return text_id(" ".join(text.split()) if config.task == targets.TAGGING else text)
     return f"row-{number}"
 
 
@@ -277,14 +320,15 @@ def assign_splits(examples: Iterable[tuple[str | None, Any]], fractions: dict[st
     cuts = _cumulative(fractions)
     splits: dict[str, list[Any]] = {}
     for split, example in examples:
-        if split is None:
-            u = hash_unit(example.id, "split")
+        if split is None:  # drawn by the example's group (group_column) when it has one, else by its id
+            u = hash_unit(getattr(example, "group", None) or example.id, "split")
             split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
         elif split not in splits:
             _check_split_name(split, "the source's own splits (source.split_column, or the splits it comes with)")
         splits.setdefault(split, []).append(example)
     if validation_from_train > 0 and "train" in splits and "validation" not in splits:
-        held = [hash_unit(ex.id, "validation") < validation_from_train for ex in splits["train"]]
+        held = [hash_unit(getattr(ex, "group", None) or ex.id, "validation") < validation_from_train
+                for ex in splits["train"]]
         splits["validation"] = [ex for ex, h in zip(splits["train"], held) if h]
         splits["train"] = [ex for ex, h in zip(splits["train"], held) if not h]
     for name, cap in max_examples.items():
@@ -309,15 +353,7 @@ def _check_split_name(name: str, origin: str) -> None:
     raise ValueError(f"split name {name!r} (from {origin}) {why}; rename the split")
 
 
-def _label_names(labels: list[Any]) -> list[str]:
-    """Class names in a stable order: numerically when every label is a number (0, 1, 2, ..., 10), else as text."""
-    distinct = set(labels)
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
-        return [str(v) for v in sorted(distinct)]
-    numeric = {str(v) for v in distinct}
-    if all(v.lstrip("-").isdigit() for v in numeric):  # integer labels read from CSV text
-        return sorted(numeric, key=int)
-    return sorted(numeric)
+_label_names = targets.sorted_names  # class names in a stable order (numerically when all are integers)
 
 
 def _hash_subset(examples: list[Example], cap: int) -> list[Example]:
@@ -337,7 +373,8 @@ def _cumulative(fractions: dict[str, float]) -> list[tuple[str, float]]:
 
 
 def _check_columns(config: SourceConfig, row: dict[str, Any]) -> None:
-    wanted = [c for c in (config.text_column, config.label_column, config.id_column, config.split_column) if c]
+    wanted = [c for c in (config.text_column, config.text_pair_column, *_target_columns(config), config.id_column,
+                          config.split_column, config.group_column) if c]
     missing = [c for c in wanted if c not in row]
     if missing:
         raise KeyError(f"source {config.path} has no column(s) {missing}; its columns are "
@@ -498,7 +535,8 @@ def _webdataset_rows(config: SourceConfig, shards: list[str]) -> Iterator[dict[s
     """One row per sample (the files of a shard that share a key): the sample's ``__key__`` and each
     configured column, read from the member with that extension or else from that field of the sample's
     json member."""
-    columns = [c for c in (config.text_column, config.label_column, config.id_column, config.split_column) if c]
+    columns = [c for c in (config.text_column, config.text_pair_column, *_target_columns(config), config.id_column,
+                           config.split_column, config.group_column) if c]
     first_seen: dict[str, str] = {}  # key -> shard, to refuse a key used twice (it is the example id)
     for shard in shards:
         for sample in _tar_samples(shard):

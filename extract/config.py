@@ -50,12 +50,31 @@ class SourceConfig:
     max_examples: dict[str, int] = field(default_factory=dict)
     """Cap per split, e.g. {train = 4000}; the subset is drawn by hash, never the first N rows."""
     bad_input: str = "error"
-    """A row that cannot become an example (empty or undecodable text, missing label, unparsable line):
-    "error" stops and names it; "skip" leaves it out and records its id and reason in the store."""
+    """A row that cannot become an example (empty or undecodable text, missing label, bad target, unparsable
+    line): "error" stops and names it; "skip" leaves it out and records its id and reason in the store."""
+    task: str = "classification"
+    """What the targets are: "classification" (one class per row, label_column), "multilabel" (a list of
+    labels per row, or a string split on label_delimiter), "regression" (numbers: label_column, or several
+    target_columns) or "tagging" (text_column holds a list of words, or a string split on whitespace, and
+    label_column one tag per word; tags are aligned to the first sub-word token of each word)."""
+    text_pair_column: str | None = None
+    """A second text per row, encoded together with text_column as one sequence through the tokenizer's pair
+    API (a cross-encoder: [CLS] a [SEP] b [SEP] for BERT, with its token_type_ids and truncation rule)."""
+    label_delimiter: str | None = None
+    """multilabel: split a string label on this (e.g. "|"); list values are taken as they are."""
+    target_columns: list[str] | None = None
+    """regression: several numeric target columns (default: label_column alone)."""
+    group_column: str | None = None
+    """Draw the split by a hash of this column's value instead of the example id, so every row of a group
+    (a document, a chapter, a speaker) lands in the same split: nothing of a group on both sides."""
 
     def __post_init__(self) -> None:
+        from ._targets import check_task_options
+
         if not self.path:
             raise ValueError("source.path is required: a data file, a datasets folder, or pkg://package/path")
+        check_task_options(self.task, self.label_column, self.label_delimiter, self.target_columns,
+                           self.text_pair_column)
         if self.bad_input not in BAD_INPUT_POLICIES:
             raise ValueError(f"source.bad_input must be one of {BAD_INPUT_POLICIES}, got {self.bad_input!r}")
         if self.format not in SOURCE_FORMATS:

@@ -1,6 +1,8 @@
 """Inference: frozen backbone + trained side network (+ its head) as one module that predicts from raw text.
 
-Its logits equal the cached path's (the side network fed from the store) on the same examples, because
+It predicts what the checkpoint's task predicts (a class, a set of labels, values, one tag per word), from
+the inputs its store was made of: texts, pairs of texts (encoded together, as extraction encoded them) or
+lists of words. Its logits equal the cached path's (the side network fed from the store) on the same examples, because
 every step between text and side network is the one training saw:
 
 * the same backbone, checked by the sha256 of its weight and tokenizer files against the checkpoint's store;
@@ -30,12 +32,13 @@ from unipt.extract import (
     SourceConfig,
     SourceData,
     TextEncoder,
+    TextInputs,
     backbone_hashes,
     load_source,
     resolve_model_dir,
 )
 from unipt.store import STORAGE_DTYPES, FeatureStore, StoreError, ValueRangeError, check_provenance, round_trip
-from unipt.train import check_store_matches, load_checkpoint
+from unipt.train import Task, check_store_matches, checkpoint_task, load_checkpoint, task_for
 
 _HASH_FIELDS = ("weights_sha256", "tokenizer_sha256")
 _INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".txt")
@@ -44,17 +47,33 @@ _OUTPUT_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": "jsonl", ".ndjson": "jso
 
 @dataclass
 class Predictions:
-    labels: list[str]  # predicted class name per text
-    probabilities: torch.Tensor  # (B, C) softmax over label_names
-    logits: torch.Tensor  # (B, C)
-    label_names: list[str]
+    records: list[dict[str, Any]]  # per input, the task's prediction by name (Task.predictions)
+    logits: torch.Tensor | list[torch.Tensor]  # the side network's raw outputs: (B, K), or per token a list of
+    #                                           (tokens, K), one per input
+    label_names: list[str]  # the task's classes, labels, targets or tags
+    task: str = "classification"
+
+    @property
+    def labels(self) -> list[Any]:
+        """The predicted class (classification), label set (multilabel), values (regression) or tags."""
+        key = {"classification": "label", "multilabel": "labels", "tagging": "tags"}.get(self.task)
+        return [r[key] if key else [r[n] for n in self.label_names] for r in self.records]
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """(B, C) class probabilities (classification: softmax; multilabel: per-label sigmoid)."""
+        if self.task not in ("classification", "multilabel"):
+            raise ValueError(f"a {self.task} prediction has no class probabilities")
+        return torch.tensor([[r[f"prob_{n}"] for n in self.label_names] for r in self.records]).reshape(
+            len(self.records), len(self.label_names))
 
 
 class SideNetworkPredictor(nn.Module):
     """Raw texts -> frozen backbone -> selected hidden states -> side network + head -> class logits."""
 
     def __init__(self, encoder: TextEncoder, side_network: nn.Module, *, layers: Sequence[int],
-                 storage_dtype: str, label_names: Sequence[str]):
+                 storage_dtype: str, label_names: Sequence[str], task: Task | None = None,
+                 text_pair_column: str | None = None):
         super().__init__()
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype {storage_dtype!r} is not one of {STORAGE_DTYPES}")
@@ -68,6 +87,8 @@ class SideNetworkPredictor(nn.Module):
         self.layers = list(layers)
         self.storage_dtype = storage_dtype
         self.label_names = list(label_names)
+        self.task = task or task_for("classification", self.label_names)
+        self.text_pair_column = text_pair_column  # the store was made of pairs: its second text's column
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, backbone: str | None = None, *, device: str = "auto",
@@ -106,7 +127,8 @@ class SideNetworkPredictor(nn.Module):
                 raise ValueError(f"checkpoint needs hidden state {layer} of width {width}; backbone {spec} gives "
                                  f"width {encoder.widths[layer]}")
         return cls(encoder, side_network.to(encoder.device), layers=config["layers"],
-                   storage_dtype=record["storage_dtype"], label_names=config["store"]["label_names"])
+                   storage_dtype=record["storage_dtype"], label_names=config["store"]["label_names"],
+                   task=checkpoint_task(config), text_pair_column=record.get("text_pair_column"))
 
     @property
     def device(self) -> torch.device:
@@ -117,34 +139,55 @@ class SideNetworkPredictor(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        """Class logits (B, C) of a batch of texts."""
-        return self.logits(self.encoder.tokenize(texts))
+    def forward(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                words: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
+        """Outputs of a batch: (B, K), or (B, N, K) for a per-token task; inputs as for ``encoder.tokenize``."""
+        return self.logits(self.encoder.tokenize(texts, pairs, words))
 
     @torch.no_grad()
     def logits(self, features: list[dict[str, list[int]]]) -> torch.Tensor:
-        """Class logits (B, C) of a batch of tokenised texts (``encoder.tokenize`` output)."""
+        """Outputs (B, K) or (B, N, K) of a batch of tokenised inputs (``encoder.tokenize`` output)."""
         self.encoder.device = self.device  # the encoder pads onto its device: follow any .to() of this module
         hidden, mask = self.encoder.hidden_states(features)  # every hidden state (B, N, D), mask (B, N)
         inputs = [self._as_stored(hidden[l].masked_fill(~mask[..., None], 0.0), l) for l in self.layers]
         with _side_autocast(self.device):
             return self.side_network(inputs, mask).float()  # (B, C)
 
-    def predict(self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> Predictions:
-        """Labels and class probabilities of any number of texts (batched longest first, returned in order)."""
+    def predict(self, inputs: Sequence[str] | TextInputs, *, batch_size: int = 32,
+                progress: bool = False) -> Predictions:
+        """The task's predictions for any number of inputs (texts, or TextInputs with pairs or words), batched
+        longest first and returned in order."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        features = self.encoder.tokenize(texts) if len(texts) else []
+        inputs = inputs if isinstance(inputs, TextInputs) else TextInputs(list(inputs))
+        self._check_inputs(inputs)
+        features = self.encoder.tokenize(inputs.texts, inputs.pairs, inputs.words) if len(inputs.texts) else []
         order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # less padding
-        logits = torch.empty(len(features), len(self.label_names))
+        records: list[dict[str, Any]] = [{} for _ in features]
+        outputs: list[torch.Tensor] = [torch.empty(0) for _ in features]
         with tqdm(total=len(features), desc="predict", unit="ex", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                logits[rows] = self.logits([features[i] for i in rows]).cpu()
+                batch = [features[i] for i in rows]
+                scores = self.logits(batch).cpu()
+                for i, record, score in zip(rows, self.task.predictions(scores, _word_starts(batch, scores)),
+                                            self._unpadded(scores, batch)):
+                    records[i], outputs[i] = record, score
                 bar.update(len(rows))
-        probabilities = torch.softmax(logits, dim=-1)
-        labels = [self.label_names[i] for i in probabilities.argmax(dim=-1).tolist()]
-        return Predictions(labels, probabilities, logits, self.label_names)
+        logits = outputs if self.task.per_token or not outputs else torch.stack(outputs)
+        return Predictions(records, logits, self.label_names, self.task.kind)
+
+    def _check_inputs(self, inputs: TextInputs) -> None:
+        if self.task.per_token and inputs.words is None:
+            raise ValueError("this side network tags words: give each input as a list of words (TextInputs(words=...))")
+        if self.text_pair_column is not None and inputs.pairs is None:
+            raise ValueError(f"this side network was trained on pairs of texts (its store's second text was "
+                             f"{self.text_pair_column!r}): give both texts of each input (--text-pair-column)")
+
+    def _unpadded(self, scores: torch.Tensor, features: list[dict[str, Any]]) -> list[torch.Tensor]:
+        if not self.task.per_token:
+            return list(scores)
+        return [scores[b, : len(f["input_ids"])] for b, f in enumerate(features)]
 
     def _as_stored(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Hidden states (B, N, D) -> float32 after the round trip through the store's dtype."""
@@ -179,6 +222,25 @@ def _inference_record(checkpoint: str | Path, config: Mapping[str, Any],
             "storage_dtype": opened.dtype}
 
 
+def checkpoint_inputs(checkpoint: str | Path) -> tuple[bool, str | None]:
+    """What a checkpoint's inputs are, without loading its backbone: (words to tag?, the store's pair column)."""
+    _, config = load_checkpoint(checkpoint, map_location="cpu")
+    return checkpoint_task(config).per_token, (config.get("inference") or {}).get("text_pair_column")
+
+
+def _word_starts(features: list[dict[str, Any]], scores: torch.Tensor) -> torch.Tensor | None:
+    """(B, N) True on the first token of each word, for inputs given as words (None otherwise)."""
+    if "word_ids" not in features[0]:
+        return None
+    starts = torch.zeros(scores.shape[:2], dtype=torch.bool)
+    for b, feature in enumerate(features):
+        previous = None
+        for position, word in enumerate(feature["word_ids"]):
+            starts[b, position] = word is not None and word != previous
+            previous = word
+    return starts
+
+
 def _side_autocast(device: torch.device):
     # As unipt.train.evaluate scores the side network: bfloat16 autocast on GPU, float32 on CPU.
     if device.type == "cuda":
@@ -188,10 +250,18 @@ def _side_autocast(device: torch.device):
 
 # --------------------------------------------------------------------------- files in, files out
 def read_texts(path: str, text_column: str = "text", id_column: str | None = None) -> tuple[list[str] | None, list[str]]:
-    """(ids, texts) of an input file, in file order: CSV/TSV/JSONL/Parquet rows read as extraction reads a
+    """(ids, texts) of an input file: :func:`read_inputs` for single texts."""
+    ids, inputs = read_inputs(path, text_column, id_column)
+    return ids, inputs.texts
+
+
+def read_inputs(path: str, text_column: str = "text", id_column: str | None = None, *,
+                text_pair_column: str | None = None, words: bool = False) -> tuple[list[str] | None, TextInputs]:
+    """(ids, inputs) of an input file, in file order: CSV/TSV/JSONL/Parquet rows read as extraction reads a
     source (no dedupe, no split), or plain text with one example per line (blank lines skipped; the id is
-    the line number). A row extraction would refuse (empty text, a malformed CSV record, ...) raises
-    :class:`BadInputError` naming it.
+    the line number). ``text_pair_column``: each row's second text (a pair input); ``words``: the text column
+    holds words to tag (a list, or a string split on whitespace). A row extraction would refuse (empty text,
+    a malformed CSV record, ...) raises :class:`BadInputError` naming it.
 
     ``id_column`` None: the ``id`` column when there is one, else no ids.
     """
@@ -201,15 +271,20 @@ def read_texts(path: str, text_column: str = "text", id_column: str | None = Non
     if file.is_file() and file.suffix.lower() not in _INPUT_SUFFIXES:
         raise ValueError(f"cannot tell the format of {path} from its suffix; use one of {list(_INPUT_SUFFIXES)}")
     if file.suffix.lower() == ".txt":
+        if text_pair_column:
+            raise ValueError(f"{path}: a plain-text input has one text per line; pairs need a table (CSV, TSV, JSONL)")
         with open(file, encoding="utf-8") as f:
             lines = [(str(number), line.rstrip("\r\n")) for number, line in enumerate(f, start=1) if line.strip()]
         if not lines:
             raise ValueError(f"input file {path} has no text")
-        return [i for i, _ in lines], [t for _, t in lines]
+        texts = [t for _, t in lines]
+        return [i for i, _ in lines], TextInputs(texts, words=[tuple(t.split()) for t in texts] if words else None)
 
     def load(ids_from: str | None) -> SourceData:
         return load_source(SourceConfig(path=str(path), text_column=text_column, label_column=None,
-                                        id_column=ids_from, dedupe=False, splits={"input": 1.0}))
+                                        id_column=ids_from, dedupe=False, splits={"input": 1.0},
+                                        task="tagging" if words else "classification",
+                                        text_pair_column=text_pair_column))
 
     try:
         try:
@@ -219,11 +294,12 @@ def read_texts(path: str, text_column: str = "text", id_column: str | None = Non
                 raise
             data, ids_present = load(None), False  # no "id" column: no ids (a wrong text column raises again)
     except KeyError as exc:
-        raise KeyError(f"{exc.args[0]}; choose the input's columns with --text-column / --id-column") from None
+        raise KeyError(f"{exc.args[0]}; choose the input's columns with --text-column / --text-pair-column / "
+                       "--id-column") from None
     except BadInputError as exc:  # its advice names source.bad_input, a recipe option predict has no way to set
         raise BadInputError(exc.problem, "Fix or remove that row of the input file") from None
     examples = [ex for split in data.splits.values() for ex in split]
-    return ([ex.id for ex in examples] if ids_present else None), [ex.text for ex in examples]
+    return ([ex.id for ex in examples] if ids_present else None), TextInputs.of(examples)
 
 
 def output_format(path: str | None) -> str:
@@ -236,25 +312,39 @@ def output_format(path: str | None) -> str:
 
 
 def write_predictions(path: str | None, predictions: Predictions, ids: Sequence[str] | None = None) -> None:
-    """One row per text: id (when known), predicted label, one ``prob_<label>`` column per class.
-
-    CSV / TSV / JSONL by the suffix of ``path``; None = CSV on stdout.
-    """
+    """One row per input: id (when known), then the task's prediction (classification: label and one
+    ``prob_<label>`` per class; multilabel: labels and ``prob_<label>``; regression: one column per target;
+    tagging: tags, one per word). CSV / TSV / JSONL by the suffix of ``path``; None = CSV on stdout. In CSV, a
+    list (labels, tags) is one cell: labels joined by "|", tags by spaces."""
     kind = output_format(path)
-    names = [f"prob_{name}" for name in predictions.label_names]
-    header = (["id"] if ids is not None else []) + ["label"] + names
-    probabilities = predictions.probabilities.tolist()
     out = sys.stdout if path is None else open(path, "w", newline="", encoding="utf-8")
     try:
         writer = csv.writer(out, delimiter=kind, lineterminator="\n") if kind != "jsonl" else None
-        if writer is not None:
-            writer.writerow(header)
-        for i, (label, probs) in enumerate(zip(predictions.labels, probabilities)):
-            head = ([ids[i]] if ids is not None else []) + [label]
-            if writer is not None:
-                writer.writerow(head + [f"{p:.6g}" for p in probs])
-            else:
-                out.write(json.dumps(dict(zip(header, head + probs))) + "\n")
+        header = None
+        for i, record in enumerate(predictions.records):
+            row = {**({"id": ids[i]} if ids is not None else {}), **record}
+            if writer is None:
+                out.write(json.dumps(row) + "\n")
+                continue
+            if header is None:
+                header = list(row)
+                writer.writerow(header)
+            writer.writerow([_cell(key, row[key]) for key in header])
+        if writer is not None and header is None:  # no inputs: the header alone
+            writer.writerow((["id"] if ids is not None else []) + _columns(predictions))
     finally:
         if out is not sys.stdout:
             out.close()
+
+
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return ("|" if key == "labels" else " ").join(map(str, value))
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _columns(predictions: Predictions) -> list[str]:
+    names = predictions.label_names
+    return {"classification": ["label", *(f"prob_{n}" for n in names)],
+            "multilabel": ["labels", *(f"prob_{n}" for n in names)],
+            "tagging": ["tags"]}.get(predictions.task, list(names))

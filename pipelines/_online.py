@@ -33,7 +33,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from unipt.extract import BackboneConfig, SourceConfig, SourceData, TextEncoder, load_source
+from unipt.extract import BackboneConfig, SourceConfig, SourceData, TextEncoder, TextInputs, load_source
 from unipt.train import (
     ClassificationHead,
     LoaderConfig,
@@ -234,7 +234,8 @@ def tokenize_splits(data: SourceData, encoder: TextEncoder, names: Sequence[str]
         if name not in data.splits:
             raise ValueError(f"split {name!r} is not in the source; it has splits {sorted(data.splits)}")
         examples = data.splits[name]
-        features = encoder.tokenize([ex.text for ex in examples])
+        inputs = TextInputs.of(examples)  # pairs are encoded together, as extraction encodes them
+        features = encoder.tokenize(inputs.texts, inputs.pairs, inputs.words)
         splits[name] = TextSplit(name, features, torch.tensor([ex.label for ex in examples], dtype=torch.int64),
                                  [ex.id for ex in examples],
                                  np.array([len(f["input_ids"]) for f in features], dtype=np.int64))
@@ -297,6 +298,9 @@ def fit_online(
     """
     get_online_method(config.method).make_config(config.model)  # refuse a bad config before loading anything
     data = source if isinstance(source, SourceData) else load_source(source)
+    if getattr(source, "task", "classification") != "classification":
+        raise ValueError(f"the online references train single-label classifiers; source.task is {source.task!r} "
+                         "(train it from a store with `unipt train`)")
     if not data.label_names:
         raise ValueError("the source has no labels (label_column is None); online training needs labelled data")
     device = resolve_device(config.device)
@@ -393,7 +397,7 @@ def train_online(
             if eval_split is not None:
                 metrics = evaluate_online(model, eval_split, config.batch_size, num_labels)
                 record.update({f"{eval_split.name}_{k}": v for k, v in metrics.items()})
-                score = metrics[config.select_metric]
+                score = metrics[config.select_metric or "accuracy"]
             history.append(record)
             log.write(**record)
             if score > best_score:

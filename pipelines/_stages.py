@@ -74,20 +74,23 @@ def check_store_fits_recipe(recipe: Recipe, store: FeatureStore) -> None:
                           "store was made with.")
 
 
-def results_table(results: Sequence[RunResult], test_split: str = "test", *, rank_by: str = "accuracy") -> str:
-    """Markdown: one row per run, best eval ``rank_by`` first (runs without an eval score last).
+def results_table(results: Sequence[RunResult], test_split: str = "test", *, rank_by: str | None = None) -> str:
+    """Markdown: one row per run, best eval ``rank_by`` first (default: the metric that picked the runs' best
+    epochs; runs without an eval score last), with the test metrics of the runs' task.
 
     Where runs differ in their seed only, a second table gives each such group's mean ± sample standard
     deviation over its seeds, ranked the same way.
     """
-    ranked = sorted(results, key=lambda r: -_eval(r, rank_by))
-    header = ["#", "run", "method", "trainable params", "best epoch", f"eval {rank_by}", f"{test_split} accuracy",
-              f"{test_split} macro-F1", "train time (s)", "train examples/s"]
+    rank_by = rank_by or (results[0].select_metric if results else "accuracy")
+    shown = _reported_metrics(results)
+    ranked = sorted(results, key=lambda r: _rank(r, rank_by))
+    header = ["#", "run", "method", "trainable params", "best epoch", f"eval {rank_by}",
+              *(f"{test_split} {_label(m)}" for m in shown), "train time (s)", "train examples/s"]
     rows = []
     for rank, r in enumerate(ranked, 1):
         test = r.test_metrics or {}
         rows.append([str(rank), r.name, r.method, f"{r.trainable_params:,}", str(r.best_epoch),
-                     _fmt(r.eval_metrics.get(rank_by)), _fmt(test.get("accuracy")), _fmt(test.get("macro_f1")),
+                     _fmt(r.eval_metrics.get(rank_by)), *(_fmt(test.get(m)) for m in shown),
                      f"{r.train_seconds:.1f}", f"{r.train_examples_per_s:.0f}"])
     out = [_markdown(header, rows)]
     if any(r.runs_in_pass > 1 for r in results):
@@ -95,27 +98,47 @@ def results_table(results: Sequence[RunResult], test_split: str = "test", *, ran
                     "the pass's."]
     groups = _seed_groups(results)
     if groups:
-        header = ["#", "runs", "method", "seeds", f"eval {rank_by}", f"{test_split} accuracy", f"{test_split} macro-F1"]
-        groups.sort(key=lambda g: -statistics.fmean(_eval(r, rank_by) for r in g))
+        header = ["#", "runs", "method", "seeds", f"eval {rank_by}", *(f"{test_split} {_label(m)}" for m in shown)]
+        groups.sort(key=lambda g: statistics.fmean(_rank(r, rank_by) for r in g))
         rows = [[str(rank), f"{_without_seed(g[0].name)} ({len(g)} seeds)", g[0].method,
                  ", ".join(str(r.config["seed"]) for r in g),
                  _mean_std([r.eval_metrics.get(rank_by) for r in g]),
-                 _mean_std([(r.test_metrics or {}).get("accuracy") for r in g]),
-                 _mean_std([(r.test_metrics or {}).get("macro_f1") for r in g])]
+                 *(_mean_std([(r.test_metrics or {}).get(m) for r in g]) for m in shown)]
                 for rank, g in enumerate(groups, 1)]
         out += ["", "Mean ± std over seeds (runs that differ in their seed only):", "", _markdown(header, rows)]
     return "\n".join(out)
+
+
+_LOWER_IS_BETTER = ("loss", "rmse")
+_NOT_SHOWN = ("loss", "n", "threshold")
+
+
+def _reported_metrics(results: Sequence[RunResult]) -> list[str]:
+    """The task's metrics, as the first run that has any reports them (classification: accuracy, macro-F1)."""
+    for r in results:
+        metrics = r.test_metrics or r.eval_metrics
+        if metrics:
+            return [m for m in metrics if m not in _NOT_SHOWN]
+    return ["accuracy", "macro_f1"]
+
+
+def _label(metric: str) -> str:
+    return {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "map": "mAP", "entity_f1": "entity F1",
+            "token_accuracy": "token accuracy", "rmse": "RMSE"}.get(metric, metric.replace("_", " "))
+
+
+def _rank(result: RunResult, metric: str) -> float:
+    """Sort key: best first (lower-is-better metrics ascending), runs without the metric last."""
+    value = result.eval_metrics.get(metric)
+    if value is None or math.isnan(value):
+        return math.inf
+    return value if metric in _LOWER_IS_BETTER else -value
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
-def _eval(result: RunResult, metric: str) -> float:
-    value = result.eval_metrics.get(metric)
-    return -math.inf if value is None else value
 
 
 def _seed_groups(results: Sequence[RunResult]) -> list[list[RunResult]]:

@@ -93,13 +93,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="score the committed parts of a split whose extraction has not finished")
     ev.set_defaults(handler=_cmd_eval)
 
-    pr = sub.add_parser("predict", parents=[common], help="predict labels of raw texts: backbone + side network")
+    pr = sub.add_parser("predict", parents=[common], help="predict from raw texts (labels, label sets, values, tags): "
+                                                          "backbone + side network")
     pr.add_argument("checkpoint", help="a checkpoint folder (model.safetensors + config.json)")
     pr.add_argument("--input", required=True, metavar="FILE",
                     help="CSV, TSV, JSONL or Parquet with a text column, or .txt with one example per line")
-    pr.add_argument("--output", metavar="FILE", help=".csv, .tsv or .jsonl: id, label, prob_<label>... "
-                                                     "(default: CSV on stdout)")
-    pr.add_argument("--text-column", default="text", help="input column holding the text (default: text)")
+    pr.add_argument("--output", metavar="FILE", help=".csv, .tsv or .jsonl: id and the task's prediction (a "
+                                                     "classifier: label, prob_<label>...; default: CSV on stdout)")
+    pr.add_argument("--text-column", default="text", help="input column holding the text (default: text); for a "
+                                                          "tagger, the words (a list, or a string split on spaces)")
+    pr.add_argument("--text-pair-column", help="input column holding the second text of each pair, for a side "
+                                               "network trained on pairs (default: the column its store used)")
     pr.add_argument("--id-column", help="input column copied to the output as id (default: id, when present)")
     pr.add_argument("--backbone", metavar="PATH", help="the backbone's model folder or pkg:// path (default: "
                                                        "where the checkpoint's store found it); hashes are checked")
@@ -199,16 +203,18 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from ._inference import SideNetworkPredictor, output_format, read_texts, write_predictions
+    from ._inference import SideNetworkPredictor, checkpoint_inputs, output_format, read_inputs, write_predictions
 
-    output_format(args.output)  # a bad --output suffix fails before any model is loaded
-    ids, texts = read_texts(args.input, args.text_column, args.id_column)
+    output_format(args.output)  # a bad --output suffix, or a bad input row, fails before the backbone is loaded
+    words, pair_column = checkpoint_inputs(args.checkpoint)
+    ids, inputs = read_inputs(args.input, args.text_column, args.id_column,
+                              text_pair_column=args.text_pair_column or pair_column, words=words)
     predictor = SideNetworkPredictor.from_checkpoint(args.checkpoint, args.backbone, device=args.device,
                                                      store=args.store)
-    predictions = predictor.predict(texts, batch_size=args.batch_size, progress=not args.quiet)
+    predictions = predictor.predict(inputs, batch_size=args.batch_size, progress=not args.quiet)
     write_predictions(args.output, predictions, ids)
     if args.output:
-        log.info("wrote %d predictions to %s", len(texts), args.output)
+        log.info("wrote %d predictions to %s", len(inputs.texts), args.output)
     return 0
 
 
@@ -228,7 +234,10 @@ def _cmd_store_info(args) -> int:
         print(f"layers     {info['layers']}  maps (H x W x C) {shapes}")
     else:
         print(f"layers     {info['layers']}  widths {sorted(set(info['layer_widths']))}")
-    print(f"labels     {info['label_names']}")
+    kind = info.get("task", "classification")
+    print(f"task       {kind}: {len(info['label_names'])} "
+          f"{ {'regression': 'targets', 'tagging': 'tags', 'multilabel': 'labels'}.get(kind, 'classes')} "
+          f"{info['label_names']}")
     print(f"checksums  " + (f"{info['chunk_checksum']} on every chunk, checked by every read" if info["chunk_checksum"]
                             else "none on chunks (written by an older unipt: reads cannot detect changed bytes; "
                                  "`unipt store verify` re-hashes every object)")

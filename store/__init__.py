@@ -1,4 +1,4 @@
-"""unipt.store — the Zarr v3 feature store (format version 1).
+"""unipt.store — the Zarr v3 feature store (format versions 1 and 2).
 
 Imports none of unipt's other subpackages: a store can be read with nothing but this package.
 """
@@ -6,7 +6,8 @@ Imports none of unipt's other subpackages: a store can be read with nothing but 
 from ._dtypes import STORAGE_DTYPES, ValueRangeError, bytes_per_row, dequantize, quantize, round_trip
 from ._export import export_webdataset
 from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
-from ._format import DEFAULT_DTYPE, FORMAT_VERSION, layer_key, part_key
+from ._format import (CLASSIFICATION, DEFAULT_DTYPE, FORMAT_VERSION, IGNORE_INDEX, MULTILABEL, REGRESSION, TAGGING,
+                      TARGETS, TASK_KINDS, layer_key, part_key)
 from ._provenance import ProvenanceMismatch, check_provenance, provenance_diff
 from ._store import (CorruptChunkError, FeatureStore, IncompleteStoreError, PartData, PartFolder, PartInfo, PartWriter,
                      SplitStatus, StoreError)
@@ -36,6 +37,13 @@ __all__ = [
     "export_webdataset",
     "provenance_diff",
     "FORMAT_VERSION",
+    "TASK_KINDS",
+    "TARGETS",
+    "CLASSIFICATION",
+    "MULTILABEL",
+    "REGRESSION",
+    "TAGGING",
+    "IGNORE_INDEX",
     "STORAGE_DTYPES",
     "DEFAULT_DTYPE",
     "layer_key",

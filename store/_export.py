@@ -2,7 +2,9 @@
 
 One shard series per split, ``<out_dir>/<split>-000000.tar`` ..., one sample per example::
 
-    <key>.json                  {"example_id", "label", "label_name", "length", "split", "part"}
+    <key>.json                  {"example_id", "label", "label_name", "length", "split", "part"}; stores of
+                                other tasks: "target" (a multi-hot row, the regression values, the tags
+                                of the example's tokens) in place of "label" and "label_name"
     <key>.layer_000.npy         (length, D_0) token rows in the stored dtype (a maps store: the (H, W, C) map)
     <key>.layer_000_scale.npy   (length,) float32 per-token scales (int8 stores only)
     ...
@@ -104,6 +106,7 @@ def export_webdataset(
            if store.layout == fmt.MAPS else {}),
         "members": ["json"] + [f"{fmt.layer_key(layer)}{suffix}.npy" for layer in layers
                                for suffix in ("", SCALE_SUFFIX) if suffix == "" or store.dtype == "int8"],
+        "task": store.task,
         "label_names": label_names,
         "splits": counts,
     }
@@ -125,14 +128,17 @@ def _sample(data: PartData, i: int, layers: list[int], label_names: list[str], s
         raise ValueError(f"example id {example_id!r} occurs twice in split {data.info.split!r}; webdataset keys "
                          "must be unique")
     seen.add(key)
-    label = int(data.label[i])
     start, stop = int(data.offsets[i]), int(data.offsets[i + 1])
+    if data.token_targets or data.label.ndim > 1:  # tags per token, a multi-hot row, regression targets
+        target = {"target": (data.label[start:stop] if data.token_targets else data.label[i]).tolist()}
+    else:
+        label = int(data.label[i])
+        target = {"label": label, "label_name": label_names[label] if 0 <= label < len(label_names) else None}
     sample: dict[str, Any] = {
         "__key__": key,
         "json": json.dumps({
             "example_id": example_id,
-            "label": label,
-            "label_name": label_names[label] if 0 <= label < len(label_names) else None,
+            **target,
             "length": int(data.length[i]),
             "split": data.info.split,
             "part": data.info.name,

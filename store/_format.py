@@ -1,16 +1,20 @@
-"""Names and constants of the unipt feature-store format (version 1).
+"""Names and constants of the unipt feature-store format (versions 1 and 2).
 
 A store is a Zarr v3 group::
 
     <root>/                      attrs: unipt = {format_version, provenance, layers, layer_widths, plan,
-                                 chunk_checksum, ...}; unipt_sha256 = record_digest(unipt)
+                                 chunk_checksum, task, ...}; unipt_sha256 = record_digest(unipt)
       <split>/                   one group per split (train, validation, test, ...)
         part-000000/             one immutable part = a contiguous range of source examples
           layer_000 ... layer_L  layout "tokens": (total_tokens, D_l) ragged tokens, CSR rows, no padding;
                                  layout "maps": (n_examples, H_l, W_l, C_l) one fixed-shape map per example
           offsets                (n_examples + 1,) int64: example i owns rows offsets[i]:offsets[i+1]
           example_id             (n_examples,) str: stable content hash or source key
-          label                  (n_examples,) int64: index into attrs.label_names, -1 = unlabelled
+          <target column>        the task's targets (TARGETS): classification "label" (n_examples,) int64,
+                                 an index into label_names, -1 = unlabelled; multilabel "labels"
+                                 (n_examples, C) uint8 multi-hot; regression "target" (n_examples, k)
+                                 float32; tagging "token_label" (total_tokens,) int32, one per stored
+                                 token (CSR rows like the layers), -100 = ignored
           length                 (n_examples,) int32: tokens per example
                                  attrs: unipt_part = {...}; unipt_commit = {..., record_sha256} written LAST
 
@@ -29,7 +33,23 @@ import hashlib
 import json
 from typing import Any
 
-FORMAT_VERSION = 1
+# Version 2 adds the root "task" record ({kind, names}) and the target columns of tasks other than
+# single-label classification. A classification store is still written as version 1 with no task record,
+# exactly as before, so version 1 stays what every older unipt reads; version 2 only where it differs.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+# Task kinds, and the per-part column that holds each kind's targets: (column, dtype, rows per example:
+# "example" = one row per example, "token" = one per stored token).
+CLASSIFICATION, MULTILABEL, REGRESSION, TAGGING = "classification", "multilabel", "regression", "tagging"
+TASK_KINDS = (CLASSIFICATION, MULTILABEL, REGRESSION, TAGGING)
+TARGETS = {
+    CLASSIFICATION: ("label", "int64", "example"),
+    MULTILABEL: ("labels", "uint8", "example"),
+    REGRESSION: ("target", "float32", "example"),
+    TAGGING: ("token_label", "int32", "token"),
+}
+IGNORE_INDEX = -100  # a token target that is not scored (special tokens, non-first sub-words); PyTorch's default
 
 # Attribute keys. Everything unipt writes lives under one key so user attrs never collide.
 ROOT_ATTR = "unipt"

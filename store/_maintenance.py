@@ -192,6 +192,7 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "layer_widths": store.meta["layer_widths"],
         "layout": store.layout,
         "layer_shapes": store.meta.get("layer_shapes"),  # maps stores: (H, W, C) per layer
+        "task": store.task,
         "label_names": store.label_names,
         "splits": splits,
         "bytes": sum(s["bytes"] for s in splits.values()),

@@ -100,11 +100,13 @@ class PartData:
 
     info: PartInfo
     example_id: np.ndarray  # (n,) str
-    label: np.ndarray  # (n,) int64
+    label: np.ndarray  # the task's targets (fmt.TARGETS): (n,) int64 classes, (n, C) uint8, (n, k) float32, or
+    #                    (total_tokens,) int32 token tags when token_targets
     length: np.ndarray  # (n,) int32
     offsets: np.ndarray  # (n + 1,) int64
     layers: dict[int, torch.Tensor]  # layer -> (total_tokens, D_l), stored dtype (int8 for int8 stores)
     scales: dict[int, torch.Tensor] = field(default_factory=dict)  # int8 stores: layer -> (total_tokens,)
+    token_targets: bool = False  # targets are per stored token (tagging), rows like the layers'
 
     def example(self, i: int, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Example ``i``'s token rows of ``layer`` as float ``dtype`` (dequantised for int8 stores)."""
@@ -129,10 +131,10 @@ class FeatureStore:
         if meta is None:
             raise StoreError(f"{url} is a Zarr group but not a unipt feature store (no {fmt.ROOT_ATTR!r} attribute)")
         version = meta.get("format_version")
-        if version != fmt.FORMAT_VERSION:
+        if version not in fmt.READABLE_VERSIONS:
             raise StoreError(
-                f"{url} has store format version {version}; this unipt reads version {fmt.FORMAT_VERSION}. "
-                "Re-extract it or use the unipt release that wrote it."
+                f"{url} has store format version {version}; this unipt reads versions "
+                f"{', '.join(map(str, fmt.READABLE_VERSIONS))}. Re-extract it or use the unipt release that wrote it."
             )
         recorded = attrs.get(fmt.ROOT_DIGEST_ATTR)  # None: written before unipt recorded it
         if recorded is not None and fmt.record_digest(meta) != recorded:
@@ -177,6 +179,7 @@ class FeatureStore:
         layer_shapes: Sequence[Sequence[int]] | None = None,
         plan: Mapping[str, Mapping[str, int]] | None = None,
         chunk_checksum: str | None = fmt.CHUNK_CHECKSUM,
+        task: str = fmt.CLASSIFICATION,
     ) -> "FeatureStore":
         """Create a store, or re-open an existing one whose provenance matches (to resume into it).
 
@@ -185,7 +188,9 @@ class FeatureStore:
         ``plan``: ``{split: {"examples": n, "parts": k}}`` for every split of the source, so readers can tell
         a finished split from one whose extraction stopped (:meth:`split_status`). ``chunk_checksum``:
         "crc32c" (default) ends every chunk in a checksum that every read checks; None writes none (only to
-        measure what checking costs).
+        measure what checking costs). ``task``: the kind of targets the parts hold (:data:`fmt.TASK_KINDS`);
+        ``label_names`` are then the classes, labels, target names or tags. A classification store is written
+        as format version 1 with no task record, as before tasks existed; the other kinds as version 2.
 
         A store made from another backbone, source or extraction config is refused with the list of
         differing fields: mixing parts from two configs in one store would silently corrupt training.
@@ -197,6 +202,11 @@ class FeatureStore:
             raise ValueError(f"compression {compression!r} is not one of {sorted(fmt.COMPRESSIONS)}")
         if len(layers) != len(layer_widths):
             raise ValueError(f"{len(layers)} layers but {len(layer_widths)} widths")
+        if task not in fmt.TASK_KINDS:
+            raise ValueError(f"task {task!r} is not one of {fmt.TASK_KINDS}")
+        if task != fmt.CLASSIFICATION and not label_names:
+            raise ValueError(f"a {task} store needs the names of its targets (label_names), got none")
+        typed = task != fmt.CLASSIFICATION  # only then version 2 and a task record: see fmt.FORMAT_VERSION
         if layer_shapes is not None:
             layer_shapes = [[int(n) for n in shape] for shape in layer_shapes]
             if len(layer_shapes) != len(layers) or any(
@@ -205,7 +215,8 @@ class FeatureStore:
                 raise ValueError(f"layer_shapes must give one (H, W, C) per layer with C = its width; got "
                                  f"{layer_shapes} for widths {list(layer_widths)}")
         meta = {
-            "format_version": fmt.FORMAT_VERSION,
+            "format_version": fmt.FORMAT_VERSION if typed else 1,
+            **({"task": {"kind": task, "names": [str(n) for n in label_names]}} if typed else {}),
             "layers": [int(l) for l in layers],
             "layer_widths": [int(w) for w in layer_widths],
             "dtype": dtype,
@@ -282,7 +293,13 @@ class FeatureStore:
 
     @property
     def label_names(self) -> list[str]:
+        """The task's target names: classes (classification, multilabel), targets (regression) or tags."""
         return list(self.meta["label_names"])
+
+    @property
+    def task(self) -> str:
+        """The kind of targets the parts hold (fmt.TASK_KINDS); stores without a task record: classification."""
+        return self.meta.get("task", {}).get("kind", fmt.CLASSIFICATION)
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -483,7 +500,7 @@ class FeatureStore:
         recorder = RecordingStore(self._root.store)
         group = zarr.open_group(store=recorder, path=_join(self._root.path, split, name), mode="w", zarr_format=3)
         return PartWriter(group, info, self.row_shapes, self.dtype, self.meta["compression"], recorder,
-                          checksum=self.chunk_checksum)
+                          checksum=self.chunk_checksum, task=self.task, n_targets=len(self.label_names))
 
     # ----------------------------------------------------------------- reading
     def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None) -> PartData:
@@ -500,8 +517,9 @@ class FeatureStore:
         path, where = _join(self._root.path, split, name), f"{self.url} {split}/{name}"
         n, rows = info.n_examples, info.n_tokens
         read = lambda key, length: _read_array(self._reads, path, key, where, length)  # noqa: E731
+        target, target_dtype, per = fmt.TARGETS[self.task]
         columns = {key: read(key, length) for key, length in
-                   ((fmt.EXAMPLE_ID, n), (fmt.LABEL, n), (fmt.LENGTH, n), (fmt.OFFSETS, n + 1))}
+                   ((fmt.EXAMPLE_ID, n), (target, rows if per == "token" else n), (fmt.LENGTH, n), (fmt.OFFSETS, n + 1))}
         _check_columns(columns, rows, where)
         decoded, scales = {}, {}
         for layer in layers:
@@ -512,11 +530,12 @@ class FeatureStore:
         return PartData(
             info=info,
             example_id=columns[fmt.EXAMPLE_ID].astype(object),  # numpy StringDType -> python str
-            label=columns[fmt.LABEL].astype(np.int64),
+            label=columns[target].astype(target_dtype, copy=False),
             length=columns[fmt.LENGTH].astype(np.int32),
             offsets=columns[fmt.OFFSETS].astype(np.int64),
             layers=decoded,
             scales=scales,
+            token_targets=per == "token",
         )
 
     # ----------------------------------------------------------------- internals
@@ -577,8 +596,9 @@ class PartWriter:
 
     def __init__(self, group: zarr.Group, info: PartInfo, row_shapes: Mapping[int, tuple[int, ...]], dtype: str,
                  compression: str = fmt.DEFAULT_COMPRESSION, recorder: RecordingStore | None = None, *,
-                 checksum: str | None = fmt.CHUNK_CHECKSUM):
+                 checksum: str | None = fmt.CHUNK_CHECKSUM, task: str = fmt.CLASSIFICATION, n_targets: int = 0):
         self.group, self.info, self.dtype = group, info, dtype
+        self.task, self.n_targets = task, n_targets
         self.compression, self.recorder, self.checksum = compression, recorder, checksum
         self.declared = {"n_examples": info.n_examples, "n_tokens": info.n_tokens,
                          "source_start": info.source_start, "source_stop": info.source_stop}
@@ -619,10 +639,14 @@ class PartWriter:
                 self._pending_rows[key + suffix] += values.shape[0]
                 self._flush(key + suffix, final=False)
 
-    def finish(self, example_id: Sequence[str], label: Sequence[int], length: Sequence[int], *,
+    def finish(self, example_id: Sequence[str], label: Sequence | np.ndarray, length: Sequence[int], *,
                truncated: Sequence[str] = (), skipped: Sequence[tuple[str, int, str]] = (),
                before_commit: Callable[[], None] | None = None) -> PartInfo:
         """Write the per-example columns and then the commit marker. Returns the committed part's info.
+
+        ``label``: the task's targets in storage order (fmt.TARGETS): one class index per example
+        (classification), one multi-hot row per example (multilabel), one row of floats per example
+        (regression), or one tag index per stored token (tagging; ``fmt.IGNORE_INDEX`` where not scored).
 
         ``truncated``: ids of examples cut to the backbone's max_length (recorded in the commit).
         ``skipped``: (example id, source row, reason) of the part's source examples left out as bad input
@@ -632,9 +656,16 @@ class PartWriter:
         """
         length = np.asarray(length, dtype=np.int32)
         n = self.info.n_examples
-        if not (len(example_id) == len(label) == len(length) == n):
-            raise ValueError(f"part {self.info.name}: expected {n} ids/labels/lengths, got "
-                             f"{len(example_id)}/{len(label)}/{len(length)}")
+        column, dtype, per = fmt.TARGETS[self.task]
+        targets = np.asarray(label, dtype=dtype)
+        rows = self.info.n_tokens if per == "token" else n
+        if not (len(example_id) == len(length) == n) or len(targets) != rows:
+            raise ValueError(f"part {self.info.name}: expected {n} ids/lengths and {rows} target rows, got "
+                             f"{len(example_id)}/{len(length)} and {len(targets)}")
+        width = () if self.task in (fmt.CLASSIFICATION, fmt.TAGGING) else (self.n_targets,)
+        if targets.shape[1:] != width:
+            raise ValueError(f"part {self.info.name}: {self.task} targets must have shape (rows, *{width}), got "
+                             f"{targets.shape}")
         for key in self._arrays:
             self._flush(key, final=True)
             if self._written[key] != self.info.n_tokens:
@@ -645,7 +676,7 @@ class PartWriter:
         np.cumsum(length, out=offsets[1:])
         self._write_column(fmt.OFFSETS, offsets)
         self._write_column(fmt.LENGTH, length)
-        self._write_column(fmt.LABEL, np.asarray(label, dtype=np.int64))
+        self._write_column(column, targets)
         self._write_column(fmt.EXAMPLE_ID, np.asarray([str(i) for i in example_id], dtype=object), dtype=str)
         # The commit marker goes last: until this line, readers do not see the part. It lists the sha256 of
         # every object written for the part (the part's own metadata document, rewritten here, excepted).
@@ -718,7 +749,8 @@ def _byte_codecs(compressor, checksum: str | None) -> list:
 
 def _write_column(group: zarr.Group, key: str, values: np.ndarray, dtype: Any, compressors: list) -> None:
     """A one-chunk array holding ``values`` (a per-example column, a skip record)."""
-    arr = group.create_array(key, shape=values.shape, dtype=dtype or values.dtype, chunks=(max(1, values.shape[0]),),
+    arr = group.create_array(key, shape=values.shape, dtype=dtype or values.dtype,
+                             chunks=tuple(max(1, n) for n in values.shape),
                              compressors=compressors, config=_ALWAYS_WRITE)
     if values.shape[0]:
         arr[:] = values

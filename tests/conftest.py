@@ -20,14 +20,20 @@ WORDS = ("good bad great awful fine movie film plot actor scene love hate boring
 LABELS = ("negative", "neutral", "positive")
 
 
-def make_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Save a random-initialised 2-layer, 32-wide BERT + WordPiece tokenizer into ``folder``."""
+SUBWORDS = ("play", "##ing", "##s", "##ed", "walk")  # "playing" = play ##ing: words of several sub-word tokens
+
+
+def make_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0, subwords: bool = False) -> Path:
+    """Save a random-initialised 2-layer, 32-wide BERT + WordPiece tokenizer into ``folder`` (``subwords``: its
+    vocabulary also splits words such as "playing" and "walks" into several tokens)."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *(SUBWORDS if subwords else ())]
+    # The vocabulary as a dict: transformers 5 builds a tokenizer from `vocab`, and silently ignores a
+    # `vocab_file` (every word then reads as [UNK]).
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")  # as BERT folders ship it (hashed with the tokenizer)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,

@@ -1,18 +1,20 @@
-"""unipt.train — side networks and baselines trained from a feature store, with no backbone in memory."""
+"""unipt.train — side networks and baselines trained from a feature store, with no backbone in memory, for
+the store's task (train/tasks/: classification, multilabel, regression, tagging)."""
 
-from ._checkpoint import check_store_matches, load_checkpoint, save_checkpoint, store_identity
+from ._checkpoint import check_store_matches, checkpoint_task, load_checkpoint, save_checkpoint, store_identity
 from ._loader import ActivationLoader, Batch
 from ._methods import METHODS, get_method, resolve_layers
 from ._metrics import classification_metrics
-from ._pooling import ClassificationHead, masked_mean
+from ._pooling import ClassificationHead, TokenHead, masked_mean
 from ._sweep import MODEL_PREFIX, expand_sweep, sweep_keys
 from ._trainer import (PASS_FIELDS, MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint,
-                       fit, fit_many, pass_groups)
+                       fit, fit_many, make_task, pass_groups, split_targets)
 from .config import LoaderConfig, TrainConfig
 from .linear_probe import LinearProbe, LinearProbeConfig
 from .lst import LST, LSTClassifier, LSTConfig
 from .scalar_mix import ScalarMix, ScalarMixConfig
 from .unipt import UniPT, UniPTClassifier, UniPTConfig
+from .tasks import TASKS, HeadSpec, Task, task_for, task_from_record
 from .unipt_cnn import UniPTCNN, UniPTCNNClassifier, UniPTCNNConfig, window_size
 
 __all__ = [
@@ -24,6 +26,15 @@ __all__ = [
     "get_method",
     "resolve_layers",
     "build_model",
+    "make_task",
+    "split_targets",
+    "checkpoint_task",
+    "Task",
+    "TASKS",
+    "HeadSpec",
+    "task_for",
+    "task_from_record",
+    "TokenHead",
     "fit",
     "fit_many",
     "pass_groups",

@@ -16,6 +16,7 @@ from torch import nn
 from unipt.store import FeatureStore, check_provenance
 
 from ._methods import get_method
+from .tasks import HeadSpec, Task, task_from_record
 
 CHECKPOINT_FORMAT = "unipt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -36,6 +37,8 @@ def store_identity(store: FeatureStore) -> dict[str, Any]:
         "weights_sha256": backbone.get("weights_sha256"),
         "tokenizer_sha256": backbone.get("tokenizer_sha256"),
         "label_names": store.label_names,
+        # Only where it is not classification, so checkpoints from before tasks existed still match.
+        **({} if store.task == "classification" else {"task": store.task}),
     }
 
 
@@ -45,8 +48,11 @@ def inference_record(store: FeatureStore) -> dict[str, Any]:
     :func:`store_identity`, which leaves the dtype out on purpose."""
     backbone = store.provenance.get("backbone")
     backbone = backbone if isinstance(backbone, dict) else {}
+    source = store.provenance.get("source")
+    pair = source.get("text_pair_column") if isinstance(source, dict) else None
     return {"backbone": backbone.get("location"), "max_length": backbone.get("max_length"),
-            "storage_dtype": store.dtype, "modality": backbone.get("modality", "text")}
+            "storage_dtype": store.dtype, "modality": backbone.get("modality", "text"),
+            **({} if pair is None else {"text_pair_column": pair})}
 
 
 def save_checkpoint(
@@ -58,8 +64,11 @@ def save_checkpoint(
     layers: list[int],
     layer_widths: list[int],
     store: FeatureStore,
+    task: Task | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
+    """``task``: the run's task (default: classification over the store's labels), saved with its learned
+    state (regression statistics, a tuned threshold) so evaluation and prediction use it as trained."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -72,6 +81,8 @@ def save_checkpoint(
         "layers": layers,
         "layer_widths": layer_widths,
         "num_labels": len(store.label_names),
+        **({} if task is None else {"task": task.record(),
+                                    "head": {"outputs": task.head.outputs, "per_token": task.head.per_token}}),
         "store": store_identity(store),
         "inference": inference_record(store),
         **(extra or {}),
@@ -94,7 +105,8 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
         found = (config.get("format"), config.get("version")) if isinstance(config, dict) else (type(config).__name__, "?")
         raise ValueError(f"{config_path}: format {found[0]!r} v{found[1]} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}")
     method = get_method(config["method"])
-    model = method.build(method.make_config(config["model"]), config["layer_widths"], config["num_labels"])
+    head = HeadSpec(**config["head"]) if "head" in config else config["num_labels"]
+    model = method.build(method.make_config(config["model"]), config["layer_widths"], head)
     weights = directory / WEIGHTS
     try:
         state = load_file(str(weights), device=str(map_location))
@@ -110,6 +122,12 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
         raise ValueError(f"{weights} does not hold the weights {config_path} describes ({exc}); restore the "
                          "checkpoint or train again") from exc
     return model, config
+
+
+def checkpoint_task(config: Mapping[str, Any]) -> Task:
+    """The task a checkpoint was trained for, with the state it learned (checkpoints from before tasks
+    existed: classification over their store's labels)."""
+    return task_from_record(config.get("task"), config["store"]["label_names"])
 
 
 def check_store_matches(config: Mapping[str, Any], store: FeatureStore) -> None:

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from unipt.store import FeatureStore, PartData, PartInfo, StoreError, bytes_per_row, dequantize
+from unipt.store import IGNORE_INDEX, FeatureStore, PartData, PartInfo, StoreError, bytes_per_row, dequantize
 
 from .config import LoaderConfig
 
@@ -48,7 +48,8 @@ _Ref = tuple[PartData, int]
 class Batch:
     hidden_states: list[torch.Tensor]  # per requested layer: (B, N, D_l) zero-padded tokens, or (B, C, H, W) maps
     mask: torch.Tensor  # (B, N) bool, True = real token (maps: (B, 1), all True)
-    labels: torch.Tensor  # (B,) int64
+    labels: torch.Tensor  # the task's targets: (B,) int64 classes, (B, C) uint8 multi-hot, (B, k) float32, or
+    #                       (B, N) int64 token tags (IGNORE_INDEX on padding and unscored tokens)
     example_ids: list[str]
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
@@ -230,9 +231,11 @@ class ActivationLoader:
                 row += part.info.n_tokens
         lengths = np.concatenate(columns["length"])
         info = PartInfo(self.split, "resident", len(lengths), n_tokens, 0, len(lengths))
-        return _Resident(info=info, example_id=np.concatenate(columns["example_id"]),
-                         label=np.concatenate(columns["label"]), length=lengths, offsets=_offsets(lengths),
-                         layers=layers, scales=scales, padding_row=n_tokens)
+        token_targets = self.store.task == "tagging"
+        labels = _with_padding_target(np.concatenate(columns["label"]), token_targets)
+        return _Resident(info=info, example_id=np.concatenate(columns["example_id"]), label=labels, length=lengths,
+                         offsets=_offsets(lengths), layers=layers, scales=scales, token_targets=token_targets,
+                         padding_row=n_tokens)
 
     def _collate(self, refs: list[_Ref]) -> Batch:
         if isinstance(refs[0][0], _Resident):  # memory mode: the split is one part with a zero row
@@ -246,11 +249,14 @@ class ActivationLoader:
         lengths = source.length[rows].astype(np.int64, copy=False)
         b, n = len(refs), int(lengths.max())
         mask = torch.arange(n)[None, :] < torch.from_numpy(lengths)[:, None]  # (B, N)
-        labels = torch.from_numpy(source.label[rows].astype(np.int64, copy=False))
         ids = [str(example_id) for example_id in source.example_id[rows]]
         starts = source.offsets[rows]
         index = torch.from_numpy(starts[:, None] + np.arange(n)[None, :])  # (B, N) token rows of the source
         index = index.masked_fill_(~mask, source.padding_row).view(-1)
+        if source.token_targets:  # one per token, gathered like the layers (the padding row holds IGNORE_INDEX)
+            labels = torch.from_numpy(source.label[index.numpy()].astype(np.int64)).view(b, n)
+        else:
+            labels = torch.from_numpy(_as_batch_targets(source.label[rows]))
         hidden = []
         for layer in self.layers:
             scale = source.scales.get(layer)  # int8 stores: dequantise in torch, after the gather
@@ -310,6 +316,9 @@ def _gather(refs: list[_Ref], padding_row: bool = False) -> tuple[PartData, np.n
     at[order] = np.arange(len(refs))
     taken = [(refs[ks[0]][0], np.array([refs[k][1] for k in ks])) for ks in groups.values()]
     index = [(part, torch.from_numpy(_token_rows(part.offsets, rows))) for part, rows in taken]
+    token_targets = taken[0][0].token_targets
+    labels = np.concatenate([part.label[token_rows.numpy() if token_targets else rows]
+                             for (part, rows), (_, token_rows) in zip(taken, index)])
     lengths = np.concatenate([part.length[rows] for part, rows in taken]).astype(np.int32)
     offsets = _offsets(lengths)
 
@@ -322,9 +331,21 @@ def _gather(refs: list[_Ref], padding_row: bool = False) -> tuple[PartData, np.n
 
     info = PartInfo(taken[0][0].info.split, "gathered", len(refs), int(offsets[-1]), 0, len(refs))
     fields = dict(info=info, example_id=np.concatenate([part.example_id[rows] for part, rows in taken]),
-                  label=np.concatenate([part.label[rows] for part, rows in taken]), length=lengths,
-                  offsets=offsets, layers=gathered(lambda p: p.layers), scales=gathered(lambda p: p.scales))
+                  label=_with_padding_target(labels, token_targets) if padding_row else labels, length=lengths,
+                  offsets=offsets, layers=gathered(lambda p: p.layers), scales=gathered(lambda p: p.scales),
+                  token_targets=token_targets)
     return (_Resident(**fields, padding_row=int(offsets[-1])) if padding_row else PartData(**fields)), at
+
+
+def _with_padding_target(labels: np.ndarray, token_targets: bool) -> np.ndarray:
+    """Token targets with one IGNORE_INDEX after the last, for the padding row; per-example targets as they are."""
+    return np.append(labels, np.asarray([IGNORE_INDEX], dtype=labels.dtype)) if token_targets else labels
+
+
+def _as_batch_targets(values: np.ndarray) -> np.ndarray:
+    """A batch's per-example targets as the trainer takes them: class indices as int64 (what cross-entropy
+    takes), multi-hot rows and regression values in their stored dtype."""
+    return values.astype(np.int64, copy=False) if values.ndim == 1 else np.ascontiguousarray(values)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from torch import nn
 from .linear_probe import LinearProbe, LinearProbeConfig
 from .lst import LSTClassifier, LSTConfig
 from .scalar_mix import ScalarMix, ScalarMixConfig
+from .tasks import Task
 from .unipt import UniPTClassifier, UniPTConfig
 from .unipt_cnn import UniPTCNNClassifier, UniPTCNNConfig
 
@@ -18,8 +19,17 @@ from .unipt_cnn import UniPTCNNClassifier, UniPTCNNConfig
 class Method:
     name: str
     config_cls: type
-    build: Callable[[Any, Sequence[int], int], nn.Module]  # (config, layer widths, num labels) -> model
+    build: Callable[[Any, Sequence[int], Any], nn.Module]  # (config, layer widths, HeadSpec or classes) -> model
     layouts: tuple[str, ...] = ("tokens",)  # store layouts it reads: token rows and/or feature maps
+    token_outputs: bool = True  # it has an output per token (UniPT's Y), so per-token tasks fit it
+
+    def check_task(self, task: Task, layout: str) -> None:
+        """Refuse a task this method cannot serve, naming the methods that can."""
+        if task.per_token and (not self.token_outputs or layout != "tokens"):
+            fits = sorted(name for name, m in METHODS.items() if m.token_outputs and "tokens" in m.layouts)
+            why = "a feature-map store has no tokens" if layout != "tokens" else "it outputs one pooled vector per example"
+            raise ValueError(f"method {self.name!r} cannot train a {task.kind} task ({why}); a {task.kind} task needs "
+                             f"an output per token: use one of {fits}")
 
     def check_layout(self, layout: str, where: str) -> None:
         if layout not in self.layouts:
@@ -38,10 +48,10 @@ class Method:
 METHODS: dict[str, Method] = {
     "unipt": Method("unipt", UniPTConfig, UniPTClassifier),
     "linear_probe": Method("linear_probe", LinearProbeConfig, LinearProbe, ("tokens", "maps")),
-    "scalar_mix": Method("scalar_mix", ScalarMixConfig, ScalarMix),
+    "scalar_mix": Method("scalar_mix", ScalarMixConfig, ScalarMix, token_outputs=False),
     "lst": Method("lst", LSTConfig, LSTClassifier),
     # The CNN variant reads a maps store's stage maps (B, C_k, H_k, W_k); its widths are the stage channels.
-    "unipt_cnn": Method("unipt_cnn", UniPTCNNConfig, UniPTCNNClassifier, ("maps",)),
+    "unipt_cnn": Method("unipt_cnn", UniPTCNNConfig, UniPTCNNClassifier, ("maps",), token_outputs=False),
 }
 
 

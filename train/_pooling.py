@@ -1,9 +1,11 @@
-"""Masked pooling shared by the side networks and their heads."""
+"""Masked pooling and the task heads shared by the side networks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .tasks import HeadSpec
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,3 +34,36 @@ class ClassificationHead(nn.Module):
 
     def forward(self, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(masked_mean(y, mask)))  # (B, classes)
+
+
+class TokenHead(nn.Module):
+    """Task head on token outputs ``Y`` (B, N, E) for per-token tasks: dropout -> Linear on every token.
+    Padded positions get scores too; their targets are the ignore index, so nothing reads them."""
+
+    def __init__(self, width: int, outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(width, outputs)
+
+    def forward(self, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(y))  # (B, N, outputs)
+
+
+def head_spec(head: int | HeadSpec) -> HeadSpec:
+    """A head given as a number of classes (a classifier, as before tasks existed) or a task's HeadSpec."""
+    return head if isinstance(head, HeadSpec) else HeadSpec(int(head))
+
+
+def token_output_head(width: int, head: int | HeadSpec, dropout: float) -> nn.Module:
+    """The head on a side network's token outputs: pooled (one output row per example) or per token."""
+    spec = head_spec(head)
+    return (TokenHead if spec.per_token else ClassificationHead)(width, spec.outputs, dropout=dropout)
+
+
+def refuse_per_token(head: int | HeadSpec, method: str) -> HeadSpec:
+    """``head`` as a HeadSpec, refusing a per-token head for a method that outputs pooled vectors only."""
+    spec = head_spec(head)
+    if spec.per_token:
+        raise ValueError(f"method {method!r} outputs one pooled vector per example; a per-token task (tagging) needs "
+                         "token outputs: use unipt, lst or linear_probe")
+    return spec

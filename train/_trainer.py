@@ -9,6 +9,9 @@ the batch order and the device (:data:`PASS_FIELDS`; :func:`pass_groups` sorts r
 Per epoch: one pass over the train split steps every run that is still training, one pass over the eval
 split scores them all, and each run saves its best checkpoint. At the end, one pass over the test split
 scores every run's best checkpoint.
+
+What is predicted, how it is scored and how the best epoch is picked is the store's task (train/tasks/):
+each run holds its own task object, which the trainer only calls.
 """
 
 from __future__ import annotations
@@ -21,18 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from unipt.store import FeatureStore
 
-from ._checkpoint import check_store_matches, load_checkpoint, save_checkpoint
+from ._checkpoint import check_store_matches, checkpoint_task, load_checkpoint, save_checkpoint
 from ._loader import ActivationLoader, Batch
 from ._methods import config_dict, get_method, resolve_layers
-from ._metrics import classification_metrics
 from .config import LoaderConfig, TrainConfig
+from .tasks import ClassificationTask, Task, task_for
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ class RunResult:
     """The run's resolved TrainConfig."""
     runs_in_pass: int = 1
     """How many runs trained from the same pass over the store (1: trained alone)."""
+    task: str = "classification"
+    """The task kind the run was trained for (its store's)."""
+    select_metric: str = "accuracy"
+    """The eval metric that picked its best epoch."""
 
 
 def _absolute(url: str) -> str:
@@ -88,14 +95,26 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def build_model(config: TrainConfig, store: FeatureStore) -> tuple[nn.Module, Any, list[int]]:
-    """The method's model for this store: (model, method config, resolved layers)."""
+def make_task(config: TrainConfig, store: FeatureStore) -> Task:
+    """The task a run trains for: the store's kind over its target names, with the run's task options."""
+    return task_for(store.task, store.label_names, config.task)
+
+
+def build_model(config: TrainConfig, store: FeatureStore, task: Task | None = None) -> tuple[nn.Module, Any, list[int]]:
+    """The method's model for this store and task (default: the store's): (model, method config, layers)."""
+    task = task or make_task(config, store)
     method = get_method(config.method)
     method.check_layout(store.layout, f"store {store.url}")
+    method.check_task(task, store.layout)
     model_config = method.make_config(config.model)
     layers = resolve_layers(model_config.layers, store.layers)
     widths = [store.layer_widths[l] for l in layers]
-    return method.build(model_config, widths, len(store.label_names)), model_config, layers
+    return method.build(model_config, widths, task.head), model_config, layers
+
+
+def split_targets(store: FeatureStore, split: str) -> np.ndarray:
+    """Every target of ``split`` (its parts' target columns, no layers decoded)."""
+    return np.concatenate([store.read_part(part, layers=[]).label for part in store.parts(split)])
 
 
 def pass_key(config: TrainConfig) -> tuple:
@@ -164,9 +183,14 @@ def fit_many(
             allow_incomplete=allow_incomplete, warn=_warn):
         raise ValueError(f"store {store.url} has no train split {first.train_split!r} to fit on; it has "
                          f"{store.splits()} (set train_split)")
-    if len(store.label_names) == 1:
+    if len(store.label_names) == 1 and store.task == "classification":
         _warn(f"store {store.url} has a single class ({store.label_names[0]!r}): a classifier learns nothing from "
               "it; check the source's label column")
+    tasks = {name: make_task(config, store) for name, config in runs.items()}
+    train_targets = split_targets(store, first.train_split)
+    for task in tasks.values():
+        task.check_targets(torch.from_numpy(train_targets), first.train_split)
+        task.fit(train_targets)  # e.g. regression: the train split's target statistics
     device = resolve_device(first.device)
     pin = device.type == "cuda"
     # One loader over the union of the runs' layers; each run takes its own layers from every batch.
@@ -174,7 +198,7 @@ def fit_many(
     train_loader = ActivationLoader(store, first.train_split, layers, batch_size=first.batch_size, shuffle=True,
                                     seed=first.shuffle_seed, config=loader_config, pin_memory=pin, accelerator=pin)
     eval_loader = _optional_loader(store, first.eval_split, layers, first.batch_size, loader_config, pin)
-    trainers = [_Run(name, config, store, Path(out_dir), device, layers, len(train_loader))
+    trainers = [_Run(name, config, store, tasks[name], Path(out_dir), device, layers, len(train_loader))
                 for name, config in runs.items()]
 
     for epoch in range(max(config.epochs for config in runs.values())):
@@ -186,7 +210,7 @@ def fit_many(
         start, end = _train_pass(active, train_loader, epoch, device, desc, progress)
         scores = [None] * len(active)  # no eval split: each run keeps its last epoch
         if eval_loader is not None:
-            scores = _score([(run.model, run.pick) for run in active], eval_loader, device, len(store.label_names))
+            scores = _score([(run.model, run.pick, run.task) for run in active], eval_loader, device, tune=True)
         for run, metrics in zip(active, scores):
             run.end_epoch(epoch, (run.stopped_at or end) - start, metrics, log)
 
@@ -198,8 +222,11 @@ def fit_many(
                 loader.release()
         for run in trainers:
             run.release_training_state()
-        best = [(load_checkpoint(run.checkpoint, map_location=device)[0].to(device), run.pick) for run in trainers]
-        test_metrics = _score(best, test_loader, device, len(store.label_names))
+        best = []
+        for run in trainers:
+            model, saved = load_checkpoint(run.checkpoint, map_location=device)
+            best.append((model.to(device), run.pick, checkpoint_task(saved)))  # the task as the best epoch left it
+        test_metrics = _score(best, test_loader, device, tune=False)
         for run, metrics in zip(trainers, test_metrics):
             run.record_test(metrics, log)
     return [run.result(test, len(trainers)) for run, test in zip(trainers, test_metrics)]
@@ -208,11 +235,12 @@ def fit_many(
 class _Run:
     """One side network in training: model, optimiser, schedule, random stream and best checkpoint so far."""
 
-    def __init__(self, name: str, config: TrainConfig, store: FeatureStore, out_dir: Path, device: torch.device,
-                 loader_layers: list[int], steps_per_epoch: int):
-        self.name, self.config, self.device = name, config, device
+    def __init__(self, name: str, config: TrainConfig, store: FeatureStore, task: Task, out_dir: Path,
+                 device: torch.device, loader_layers: list[int], steps_per_epoch: int):
+        self.name, self.config, self.device, self.task = name, config, device, task
+        self.select_metric = task.check_metric(config.select_metric)
         torch.manual_seed(config.seed)
-        model, model_config, layers = build_model(config, store)
+        model, model_config, layers = build_model(config, store, task)
         self.model = model.to(device)
         self.rng = _RandomStream(device)  # goes on from the init's state, as it would training alone
         self.pick = [loader_layers.index(l) for l in layers]  # this run's layers, in its order, in each batch
@@ -226,24 +254,26 @@ class _Run:
         self.checkpoint = out_dir / name
         self.checkpoint_fields = {
             "method": config.method, "model_config": config_dict(model_config), "layers": layers,
-            "layer_widths": [store.layer_widths[l] for l in layers], "store": store}
+            "layer_widths": [store.layer_widths[l] for l in layers], "store": store, "task": task}
         self.checkpoint_extra = {"run": name, "train": config_dict(config), "label_names": store.label_names,
                                  "store_url": _absolute(store.url)}
         self.step, self.seen, self.train_seconds, self.done = 0, 0, 0.0, False
-        self.best_score, self.best_epoch, self.best_metrics = -math.inf, -1, {}
+        self.best_score, self.best_epoch, self.best_metrics = None, -1, {}
         self.history: list[dict[str, Any]] = []
 
     def start_epoch(self) -> None:
         self.model.train()
         self.stepping, self.stopped_at, self.epoch_seen = True, None, 0
-        # Summed on the device in float64 (the same sums as Python floats): no host sync per step.
+        # Summed on the device in float64 (the same sums as Python floats): no host sync per step. The weight
+        # is what each batch's mean loss averages over (examples; tagging: scored tokens).
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_weight = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def train_step(self, batch: Batch) -> None:
         with self.rng:
             with _autocast(self.device):
-                logits = self.model([batch.hidden_states[i] for i in self.pick], batch.mask)
-            loss = F.cross_entropy(logits.float(), batch.labels)
+                outputs = self.model([batch.hidden_states[i] for i in self.pick], batch.mask)
+            loss = self.task.loss(outputs.float(), batch.labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if self.config.grad_clip:
@@ -252,7 +282,9 @@ class _Run:
         self.scheduler.step()
         self.step += 1
         self.epoch_seen += len(batch)
-        self.loss_sum += loss.detach().double() * len(batch)
+        weight = self.task.loss_weight(batch.labels)
+        self.loss_sum += loss.detach().double() * weight
+        self.loss_weight += weight
         self.last_loss = loss.detach()
         if self.config.max_steps and self.step >= self.config.max_steps:
             self.stepping, self.stopped_at, self.done = False, time.perf_counter(), True
@@ -262,16 +294,17 @@ class _Run:
         self.train_seconds += elapsed
         self.seen += self.epoch_seen
         record = {"run": self.name, "epoch": epoch + 1, "step": self.step,
-                  "train_loss": self.loss_sum.item() / max(self.epoch_seen, 1),
+                  "train_loss": (self.loss_sum / self.loss_weight.clamp_min(1)).item(),
                   "train_examples_per_s": self.epoch_seen / elapsed, "epoch_seconds": elapsed}
         if metrics is not None:
             record.update({f"{self.config.eval_split}_{k}": v for k, v in metrics.items()})
-            score = metrics[self.config.select_metric]
+            score = metrics[self.select_metric]
+            better = self.task.better(self.select_metric, score, self.best_score)
         else:
-            metrics, score = {}, float(epoch)  # no eval split: keep the last epoch
+            metrics, score, better = {}, float(epoch), True  # no eval split: keep the last epoch
         self.history.append(record)
         log.write(**record)
-        if score > self.best_score:
+        if better:
             self.best_score, self.best_epoch, self.best_metrics = score, epoch + 1, metrics
             save_checkpoint(self.checkpoint, self.model, **self.checkpoint_fields,
                             extra={**self.checkpoint_extra, "epoch": epoch + 1, "eval": metrics})
@@ -296,7 +329,8 @@ class _Run:
                          train_seconds=self.train_seconds,
                          train_examples_per_s=self.seen / max(self.train_seconds, 1e-9),
                          checkpoint=str(self.checkpoint), history=self.history,
-                         config=config_dict(self.config), runs_in_pass=runs_in_pass)
+                         config=config_dict(self.config), runs_in_pass=runs_in_pass, task=self.task.kind,
+                         select_metric=self.select_metric)
 
 
 def _train_pass(runs: list[_Run], loader: ActivationLoader, epoch: int, device: torch.device, desc: str,
@@ -368,37 +402,33 @@ class _RandomStream:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: ActivationLoader, device: torch.device, num_labels: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of ``model`` over every example of ``loader``."""
-    return _score([(model, list(range(len(loader.layers))))], loader, device, num_labels)[0]
+def evaluate(model: nn.Module, loader: ActivationLoader, device: torch.device, task: Task | int,
+             *, tune: bool = False) -> dict[str, float]:
+    """The task's metrics of ``model`` over every example of ``loader`` (``task`` an int: a classifier of that
+    many classes: accuracy, macro-F1, mean cross-entropy). ``tune``: tune what the task tunes (multilabel's
+    threshold) on this split, as on an eval split."""
+    if isinstance(task, int):
+        task = ClassificationTask([str(k) for k in range(task)])
+    return _score([(model, list(range(len(loader.layers))), task)], loader, device, tune=tune)[0]
 
 
 @torch.no_grad()
-def _score(models: Sequence[tuple[nn.Module, list[int]]], loader: ActivationLoader, device: torch.device,
-           num_labels: int) -> list[dict[str, float]]:
-    """:func:`evaluate` for several (model, positions of its layers in the loader's) from one pass."""
-    for model, _ in models:
+def _score(models: Sequence[tuple[nn.Module, list[int], Task]], loader: ActivationLoader, device: torch.device,
+           *, tune: bool) -> list[dict[str, float]]:
+    """:func:`evaluate` for several (model, positions of its layers in the loader's, task) from one pass."""
+    for model, _, _ in models:
         model.eval()
-    preds: list[list[torch.Tensor]] = [[] for _ in models]
-    loss_sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in models]
-    targets = []
+    kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in models]
     for batch in loader:
-        if (batch.labels < 0).any():
-            raise ValueError(f"split {loader.split!r} has unlabelled examples (label -1); it cannot be scored")
+        for _, _, task in models:
+            task.check_targets(batch.labels, loader.split)
         batch = batch.to(device)
-        targets.append(batch.labels)
-        for (model, pick), pred, loss_sum in zip(models, preds, loss_sums):
+        for (model, pick, task), into in zip(models, kept):
             with _autocast(device):
-                logits = model([batch.hidden_states[i] for i in pick], batch.mask).float()
-            loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
-            pred.append(logits.argmax(-1))
-    target = torch.cat(targets).cpu()
-    results = []
-    for pred, loss_sum in zip(preds, loss_sums):
-        metrics = classification_metrics(torch.cat(pred).cpu(), target, num_labels)
-        metrics["loss"] = loss_sum.item() / max(len(target), 1)
-        results.append(metrics)
-    return results
+                outputs = model([batch.hidden_states[i] for i in pick], batch.mask).float()
+            into.append(task.scored(outputs, batch.labels))
+    return [task.metrics(torch.cat([o for o, _ in pieces]), torch.cat([t for _, t in pieces]), tune=tune)
+            for (_, _, task), pieces in zip(models, kept)]
 
 
 def evaluate_checkpoint(checkpoint: str | Path, store: FeatureStore, split: str, *, batch_size: int = 64,
@@ -413,7 +443,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store: FeatureStore, split: str,
         raise ValueError(f"store {store.url} has no split {split!r}; it has {store.splits()}")
     loader = ActivationLoader(store, split, config["layers"], batch_size=batch_size, shuffle=False,
                               length_sorted=True, config=loader_config or LoaderConfig())
-    return evaluate(model.to(dev), loader, dev, config["num_labels"])
+    return evaluate(model.to(dev), loader, dev, checkpoint_task(config))
 
 
 def _warn(message: str) -> None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
-SELECT_METRICS = ("accuracy", "macro_f1")
 LOADER_MODES = ("auto", "memory", "stream")
 
 
@@ -42,8 +41,13 @@ class TrainConfig:
     """Split evaluated after every epoch to pick the best checkpoint ("" = keep the last epoch)."""
     test_split: str = "test"
     """Split the best checkpoint is finally scored on ("" = none)."""
-    select_metric: str = "accuracy"
-    """Metric on eval_split that decides the best epoch: accuracy or macro_f1."""
+    select_metric: str = ""
+    """Metric on eval_split that decides the best epoch; "" = the task's own (classification: accuracy,
+    multilabel: map, regression: pearson, tagging: entity_f1 for BIO tags, else token_accuracy). Any metric
+    the task reports, or "loss" (lower is better, as for rmse)."""
+    task: dict[str, Any] = field(default_factory=dict)
+    """The task's options: regression {loss = "mse" | "huber", huber_delta}, multilabel {threshold} (a fixed
+    decision threshold instead of one tuned on eval_split). The task itself is the store's."""
     device: str = "auto"
     """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
     max_steps: int = 0
@@ -60,8 +64,8 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.select_metric not in SELECT_METRICS:
-            raise ValueError(f"select_metric must be one of {SELECT_METRICS}, got {self.select_metric!r}")
+        if not isinstance(self.select_metric, str):
+            raise ValueError(f"select_metric must be a metric's name, got {self.select_metric!r}")
 
     @property
     def shuffle_seed(self) -> int:

@@ -154,7 +154,8 @@ def test_store_metadata_round_trips(tmp_path):
     assert reopened.dtype == "float16"
     assert reopened.label_names == LABEL_NAMES
     assert reopened.provenance == provenance()
-    assert reopened.meta["format_version"] == fmt.FORMAT_VERSION
+    assert reopened.meta["format_version"] == 1  # a classification store: version 1, as before tasks existed
+    assert "task" not in reopened.meta and reopened.task == "classification"
     assert reopened.read_only and not store.read_only
     assert reopened.splits() == [] and reopened.parts("train") == []
 

@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._pooling import ClassificationHead
+from .._pooling import token_output_head
+from ..tasks import HeadSpec
 from .config import LSTConfig
 
 
@@ -74,14 +75,15 @@ class LST(nn.Module):
 
 
 class LSTClassifier(nn.Module):
-    """LST side network + masked-mean classification head: (hidden states, mask) -> logits."""
+    """LST side network + a task head (masked-mean pooled, or per token for tagging): (hidden states, mask)
+    -> scores (B, K), or (B, N, K) per token."""
 
-    def __init__(self, config: LSTConfig, layer_widths: Sequence[int], num_labels: int):
+    def __init__(self, config: LSTConfig, layer_widths: Sequence[int], num_labels: int | HeadSpec):
         super().__init__()
         self.config = config
         self.side = LST(layer_widths, reduction=config.reduction, num_heads=config.num_heads, dropout=config.dropout,
                         gate_temperature=config.gate_temperature)
-        self.head = ClassificationHead(self.side.out_dim, num_labels, dropout=config.dropout)
+        self.head = token_output_head(self.side.out_dim, num_labels, config.dropout)
 
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.side(hidden_states, mask), mask)  # (B, classes)

@@ -15,13 +15,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._pooling import masked_mean
+from .._pooling import masked_mean, refuse_per_token
+from ..tasks import HeadSpec
 from .config import ScalarMixConfig
 
 
 class ScalarMix(nn.Module):
-    def __init__(self, config: ScalarMixConfig, layer_widths: Sequence[int], num_labels: int):
+    def __init__(self, config: ScalarMixConfig, layer_widths: Sequence[int], num_labels: int | HeadSpec):
         super().__init__()
+        outputs = refuse_per_token(num_labels, "scalar_mix").outputs
         widths = list(layer_widths)
         if not widths:
             raise ValueError("a scalar mix needs at least 1 layer, got none")
@@ -34,7 +36,7 @@ class ScalarMix(nn.Module):
         self.scalars = nn.Parameter(torch.zeros(len(widths)))  # s_l: softmax(0, ..., 0) = uniform weights
         self.gamma = nn.Parameter(torch.ones(()))  # gamma: overall scale of the mix
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(width, num_labels)
+        self.classifier = nn.Linear(width, outputs)
 
     def layer_weights(self) -> torch.Tensor:
         """The mixing weights w = softmax(s), one per selected layer (L,), detached for reporting."""

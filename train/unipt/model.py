@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._pooling import ClassificationHead, masked_mean
+from .._pooling import masked_mean, token_output_head
+from ..tasks import HeadSpec
 from .config import UniPTConfig
 
 
@@ -59,13 +60,14 @@ class UniPT(nn.Module):
 
 
 class UniPTClassifier(nn.Module):
-    """UniPT side network + masked-mean classification head: (hidden states, mask) -> logits."""
+    """UniPT side network + a task head (masked-mean pooled, or per token for tagging): (hidden states, mask)
+    -> scores (B, K), or (B, N, K) per token."""
 
-    def __init__(self, config: UniPTConfig, layer_widths: Sequence[int], num_labels: int):
+    def __init__(self, config: UniPTConfig, layer_widths: Sequence[int], num_labels: int | HeadSpec):
         super().__init__()
         self.config = config
         self.side = UniPT(layer_widths, out_dim=config.out_dim, reduction=config.reduction, eps=config.eps)
-        self.head = ClassificationHead(self.side.out_dim, num_labels, dropout=config.dropout)
+        self.head = token_output_head(self.side.out_dim, num_labels, config.dropout)
 
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.side(hidden_states, mask), mask)

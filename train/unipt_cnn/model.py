@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._pooling import refuse_per_token
+from ..tasks import HeadSpec
 from .config import UniPTCNNConfig
 
 
@@ -123,15 +125,16 @@ class UniPTCNN(nn.Module):
 class UniPTCNNClassifier(nn.Module):
     """UniPT CNN side network + head (global average pool -> dropout -> Linear): stage maps -> logits."""
 
-    def __init__(self, config: UniPTCNNConfig, stage_channels: Sequence[int], num_labels: int):
+    def __init__(self, config: UniPTCNNConfig, stage_channels: Sequence[int], num_labels: int | HeadSpec):
         super().__init__()
+        outputs = refuse_per_token(num_labels, "unipt_cnn").outputs
         self.config = config
         self.side = UniPTCNN(stage_channels, out_dim=config.out_dim, reduction=config.reduction, eps=config.eps)
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),  # global average pool                                  (B, E, 1, 1)
             nn.Flatten(1),  #                                                                (B, E)
             nn.Dropout(config.dropout),
-            nn.Linear(self.side.out_dim, num_labels),  #                                     (B, classes)
+            nn.Linear(self.side.out_dim, outputs),  #                                        (B, classes)
         )
 
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
