@@ -56,6 +56,7 @@ def run_recipe(name: str, workdir: Path, seeds: int, caps: list[str]) -> tuple[l
         rows.append(f"| {name} | {store.task} | {section} ({first.method}) | {'; '.join(cells)} | "
                     f"{first.trainable_params:,} | {first.train_seconds / epochs:.1f} |")
     rows.append(f"| {name} | | *store: {counts}; extraction {extract_seconds:.0f} s* | | | |")
+    print("\n".join(rows), flush=True)  # before the online reference, which takes longest
     if name == ONLINE_FOR:
         rows.append(online_row(recipe))
     return rows, extract_seconds
@@ -67,7 +68,8 @@ def online_row(recipe) -> str:
     from unipt.train import TrainConfig
 
     config = next(c for c in recipe.train.values() if c.method == "unipt")
-    config = dataclasses.replace(config, seed=0, data_seed=None, device="cpu")
+    # the cached run's settings, as the online method (the same UniPT side network, fed live)
+    config = dataclasses.replace(config, method="online_unipt", seed=0, data_seed=None, device="cpu")
     result = fit_online("online-unipt", recipe.source, recipe.backbone, config, progress=False)
     metrics = {m: v for m, v in result.test_metrics.items() if m not in ("loss", "n")}
     per_epoch = statistics.fmean(result.epoch_seconds)
@@ -94,14 +96,14 @@ def main() -> None:
     for name in args.recipes:
         recipe_rows, _ = run_recipe(name, Path(args.workdir), args.seeds, args.override)
         rows += recipe_rows
-        print("\n".join(recipe_rows), flush=True)
+        print(recipe_rows[-1], flush=True)
+    command = " ".join(["python benchmarks/bench_tasks.py", *(f"--override {o}" for o in args.override)])
     lines = [
         "## Tasks",
         "",
         f"Every task recipe on its real data (`scripts/install_data.sh all`), UniPT and the baselines trained from "
         f"one store per recipe; test metrics as mean ± std over {args.seeds} seeds (shared batch order, seeds vary "
-        f"init and dropout); s/epoch is the pass that trains a section's {args.seeds} seeds together. "
-        f"`python benchmarks/bench_tasks.py {' '.join(f'--override {o}' for o in args.override)}`".rstrip() + "`.",
+        f"init and dropout); s/epoch is the pass that trains a section's {args.seeds} seeds together. `{command}`.",
         "",
         f"Machine: {machine()}.",
         "",

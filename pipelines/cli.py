@@ -235,8 +235,9 @@ def _cmd_store_info(args) -> int:
     else:
         print(f"layers     {info['layers']}  widths {sorted(set(info['layer_widths']))}")
     kind = info.get("task", "classification")
-    print(f"task       {kind}: {len(info['label_names'])} "
-          f"{ {'regression': 'targets', 'tagging': 'tags', 'multilabel': 'labels'}.get(kind, 'classes')} "
+    noun = {"regression": "target", "tagging": "tag", "multilabel": "label"}.get(kind, "class")
+    count = len(info["label_names"])
+    print(f"task       {kind}: {count} {noun}{'' if count == 1 else 'es' if noun == 'class' else 's'} "
           f"{info['label_names']}")
     print(f"checksums  " + (f"{info['chunk_checksum']} on every chunk, checked by every read" if info["chunk_checksum"]
                             else "none on chunks (written by an older unipt: reads cannot detect changed bytes; "

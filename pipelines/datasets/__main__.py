@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import subprocess
@@ -19,7 +20,11 @@ def install(spec: Install) -> None:
     if spec.npm:
         _need("npm", "install Node.js's npm (Debian: apt-get install npm)")
         (cache / "npm").mkdir(parents=True, exist_ok=True)
-        _run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(cache / "npm"), *spec.npm])
+        # One npm install at a time into the shared prefix: two at once rewrite node_modules and package.json
+        # together, and one can delete the other's package.
+        with open(cache / "npm" / ".install.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(cache / "npm"), *spec.npm])
     if spec.apt:
         missing = [p for p in spec.apt if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
         if missing:

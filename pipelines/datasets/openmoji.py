@@ -19,8 +19,10 @@ one, 276 two, 96 three to six. By group: 336 people-body, 269 flags, 155 smileys
 animals-nature, 107 symbols, 286 others.) The task is hard and noisy: the tags are keywords that people
 search with, not visual attributes. Some are visible (flag, face, arrow, clock, red), many are not or only
 partly (love, travel, fantasy, accessibility, right, type), several overlap (person/human, time/clock,
-letter/type) and an emoji that shows a thing often lacks its tag. Expect modest per-label F1 and mAP, with
-the rare labels worst.
+letter/type) and an emoji that shows a thing often lacks its tag; 23 kept images repeat another's drawing
+with other tags (a "man" and a "person" design, identical flags). Expect modest scores, the rare labels
+worst: the openmoji-dinov2 recipe (DINOv2-small at 84 px, 115 test images) scored test mAP 0.70 / 0.64 and
+macro-F1 0.48 / 0.49 (UniPT / linear probe).
 
 Each kept SVG is rasterised with cairosvg to 72 x 72 px on a white background and written as an RGB PNG.
 
@@ -32,8 +34,8 @@ Files:
                     group: the CSV's group (smileys-emotion, people-body, flags, ...), annotation: its name
     images/         <hexcode>.png
 
-An image source reads it as ``path = "data://openmoji/tags.csv"`` with ``label_column = "tags"`` and
-``label_delimiter = "|"`` (``image_column`` is the default, ``image``).
+An image source reads it as ``path = "data://openmoji/tags.csv"`` with ``task = "multilabel"``,
+``label_column = "tags"`` and ``label_delimiter = "|"`` (``image_column`` is the default, ``image``).
 """
 
 from __future__ import annotations
