@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
 
@@ -229,10 +230,13 @@ def test_the_cnn_variant_trains_multilabel_images(tiny_resnet_dir, image_folder,
         out = csv.writer(f)
         out.writerow(["image", "tags"])
         for k, image in enumerate(images):
-            out.writerow([str(image), "|".join(sorted({image.parent.name, *(["odd"] if k % 2 else [])}))])
+            # a path relative to the table: the ids, and so the splits, do not depend on the temporary folders
+            out.writerow([os.path.relpath(image, table.parent),
+                          "|".join(sorted({image.parent.name, *(["odd"] if k % 2 else [])}))])
     from unipt.extract import ImageSourceConfig
 
-    source = ImageSourceConfig(path=str(table), label_column="tags", task="multilabel", label_delimiter="|")
+    source = ImageSourceConfig(path=str(table), label_column="tags", task="multilabel", label_delimiter="|",
+                               splits={"train": 0.6, "validation": 0.2, "test": 0.2})
     run_extraction(source, BackboneConfig(model=str(tiny_resnet_dir), device="cpu", image_size=64),
                    ExtractConfig(dtype="float32", part_size=16, batch_size=8, layers="stages"),
                    str(tmp_path / "s.zarr"), progress=False)

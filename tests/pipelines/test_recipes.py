@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +56,9 @@ def task_source_overrides(recipe, folder: Path, image_folder: Path) -> tuple[lis
             out.writerow([source.image_column, source.label_column])
             for k, image in enumerate(images):
                 tags = sorted({image.parent.name, *rng.sample(["red", "round", "small"], k % 3)})
-                out.writerow([str(image), source.label_delimiter.join(tags)])
+                # relative to the table, as a table would hold them: the ids (and so the splits) do not
+                # depend on where the test's temporary folders are
+                out.writerow([os.path.relpath(image, table.parent), source.label_delimiter.join(tags)])
         return [f"source.path='{table}'"], len(images)
     rows = []
     for k in range(120):
