@@ -80,7 +80,7 @@ def test_label_rows_keep_emojis_with_a_vocabulary_tag():
 def test_rasterise_draws_on_white_at_72_px():
     from PIL import Image
 
-    pytest.importorskip("cairosvg")
+    pytest.importorskip("cairosvg", reason="needs cairosvg: scripts/install_data.sh openmoji")
     png = openmoji.rasterise(SVG)
     image = Image.open(io.BytesIO(png))
     assert (image.format, image.mode, image.size) == ("PNG", "RGB", (72, 72))
@@ -104,7 +104,7 @@ def fake_package(tmp_path, monkeypatch):
 
 
 def test_prepare_writes_tags_csv_and_images_that_the_table_reader_reads(fake_package, tmp_path, monkeypatch):
-    pytest.importorskip("cairosvg")
+    pytest.importorskip("cairosvg", reason="needs cairosvg: scripts/install_data.sh openmoji")
     monkeypatch.setattr(openmoji, "NUM_TAGS", 3)
     out = tmp_path / "out"
     out.mkdir()
@@ -125,7 +125,7 @@ def test_prepare_writes_tags_csv_and_images_that_the_table_reader_reads(fake_pac
 
 
 def test_prepare_names_a_missing_svg(fake_package, tmp_path):
-    pytest.importorskip("cairosvg")  # prepare rasterises the SVGs it finds first
+    pytest.importorskip("cairosvg", reason="needs cairosvg: scripts/install_data.sh openmoji")  # prepare rasterises the SVGs it finds first
     (fake_package / "color" / "svg" / "1F431.svg").unlink()
     with pytest.raises(FileNotFoundError, match="names emoji 1F431 but .*1F431.svg does not exist"):
         openmoji.prepare(tmp_path)
@@ -174,7 +174,7 @@ def test_real_openmoji():
 
 def test_real_openmoji_is_reproducible():
     """A prepared image is what rasterising its SVG again gives, byte for byte."""
-    pytest.importorskip("cairosvg")
+    pytest.importorskip("cairosvg", reason="needs cairosvg: scripts/install_data.sh openmoji")
     from unipt.pipelines.datasets import npm_package_dir
 
     folder = dataset_dir("openmoji")
