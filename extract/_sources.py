@@ -353,7 +353,6 @@ def _check_split_name(name: str, origin: str) -> None:
     raise ValueError(f"split name {name!r} (from {origin}) {why}; rename the split")
 
 
-_label_names = targets.sorted_names  # class names in a stable order (numerically when all are integers)
 
 
 def _hash_subset(examples: list[Example], cap: int) -> list[Example]:

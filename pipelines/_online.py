@@ -40,12 +40,12 @@ from unipt.train import (
     MetricsLog,
     TrainConfig,
     UniPTConfig,
-    classification_metrics,
     count_trainable,
     get_method,
     resolve_layers,
 )
 from unipt.train._methods import Method
+from unipt.train.tasks import ClassificationTask
 from unipt.train._trainer import _autocast, _schedule, resolve_device
 
 from ._memory import PeakMemory
@@ -445,14 +445,11 @@ def evaluate_online(model: nn.Module, split: TextSplit, batch_size: int, num_lab
     """Accuracy, macro-F1 and mean cross-entropy of an online model over every example of ``split``."""
     model.eval()
     device = model.encoder.device
-    preds, targets, loss_sum = [], [], 0.0
+    outputs, targets = [], []
     for rows in _in_length_order(split.lengths, batch_size):
-        labels = split.labels[rows].to(device)
         with _autocast(device):
-            logits = model([split.features[i] for i in rows]).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
-        targets.append(labels.cpu())
-    metrics = classification_metrics(torch.cat(preds), torch.cat(targets), num_labels)
-    metrics["loss"] = loss_sum / max(len(split), 1)
-    return metrics
+            outputs.append(model([split.features[i] for i in rows]).float().cpu())
+        targets.append(split.labels[rows])
+    # scored as the cached trainer scores a classifier (the same task object, over the whole split)
+    task = ClassificationTask([str(k) for k in range(num_labels)])
+    return task.metrics(torch.cat(outputs), torch.cat(targets), tune=False)
