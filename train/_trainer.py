@@ -420,8 +420,7 @@ def _score(models: Sequence[tuple[nn.Module, list[int], Task]], loader: Activati
         model.eval()
     kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in models]
     for batch in loader:
-        for _, _, task in models:
-            task.check_targets(batch.labels, loader.split)
+        models[0][2].check_targets(batch.labels, loader.split)  # every model's task is the store's kind
         batch = batch.to(device)
         for (model, pick, task), into in zip(models, kept):
             with _autocast(device):

@@ -41,12 +41,13 @@ class TaggingTask(Task):
 
     def scored(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The scored tokens of each sentence in order, with one break row after each sentence."""
-        keep = targets != IGNORE_INDEX  # (B, N)
-        rows = []
-        for b in range(len(targets)):
-            rows.append((outputs[b][keep[b]], targets[b][keep[b]].long()))
-            rows.append((outputs.new_zeros((1, outputs.shape[-1])), targets.new_full((1,), _SENTENCE_BREAK).long()))
-        return torch.cat([o for o, _ in rows]).cpu(), torch.cat([t for _, t in rows]).cpu()
+        # One extra position per sentence holding the break; masking then keeps it after the sentence's tokens
+        # (row-major order), in one gather for the whole batch.
+        b, _, k = outputs.shape
+        outputs = torch.cat([outputs, outputs.new_zeros((b, 1, k))], dim=1)  # (B, N + 1, K)
+        targets = torch.cat([targets.long(), targets.new_full((b, 1), _SENTENCE_BREAK).long()], dim=1)
+        keep = targets != IGNORE_INDEX
+        return outputs[keep].cpu(), targets[keep].cpu()
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, *, tune: bool) -> dict[str, float]:
         real = targets >= 0
