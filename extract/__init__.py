@@ -15,7 +15,7 @@ from ._runner import (
     resolve_extract_layers,
     run_extraction,
 )
-from ._sources import BadInputError, Example, SourceData, hash_unit, load_source, text_id
+from ._sources import BadInputError, Example, SourceData, hash_unit, load_source, read_rows, text_id
 from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
 
@@ -27,6 +27,7 @@ __all__ = [
     "BadInputError",
     "SourceData",
     "load_source",
+    "read_rows",
     "text_id",
     "hash_unit",
     "resolve_path",

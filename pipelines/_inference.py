@@ -100,32 +100,17 @@ class SideNetworkPredictor(nn.Module):
         rather than from the checkpoint (or the store it recorded). ``autocast``: the backbone's precision
         on GPU, as in extraction (auto = float16); CPU runs float32.
         """
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use auto or cpu")
+        check_device(device)
         side_network, config = load_checkpoint(checkpoint, map_location="cpu")
         record = _inference_record(checkpoint, config, store)
         if record.get("modality", "text") != "text":
             raise ValueError(f"checkpoint {checkpoint} was trained on {record['modality']} features; `unipt predict` "
                              "labels raw texts. For images, extract them into a store (`unipt extract`) and score "
                              "it with `unipt eval`.")
-        spec = backbone or record.get("backbone")
-        if not spec:
-            raise ValueError(f"checkpoint {checkpoint} does not record where its backbone is; pass it (--backbone)")
-        try:
-            folder = resolve_model_dir(spec)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{exc}. The backbone of checkpoint {checkpoint} was {spec!r}; pass its folder "
-                                    "(--backbone) if it now lives elsewhere") from None
-        expected = {k: config["store"].get(k) for k in _HASH_FIELDS}
-        check_provenance(expected, backbone_hashes(folder),
-                         what=f"backbone {spec} is not the one checkpoint {checkpoint} was trained on",
-                         hint="Pass the model folder the checkpoint's store was extracted with (--backbone).")
+        spec, folder = find_backbone(checkpoint, backbone or record.get("backbone"), config["store"])
         encoder = TextEncoder(BackboneConfig(model=str(folder), max_length=int(record["max_length"]),
                                              device=device, autocast=autocast))
-        for layer, width in zip(config["layers"], config["layer_widths"]):
-            if layer < encoder.num_hidden_states and encoder.widths[layer] != width:
-                raise ValueError(f"checkpoint needs hidden state {layer} of width {width}; backbone {spec} gives "
-                                 f"width {encoder.widths[layer]}")
+        check_widths(encoder, config["layers"], config["layer_widths"], spec)
         return cls(encoder, side_network.to(encoder.device), layers=config["layers"],
                    storage_dtype=record["storage_dtype"], label_names=config["store"]["label_names"],
                    task=checkpoint_task(config), text_pair_column=record.get("text_pair_column"))
@@ -150,7 +135,7 @@ class SideNetworkPredictor(nn.Module):
         self.encoder.device = self.device  # the encoder pads onto its device: follow any .to() of this module
         hidden, mask = self.encoder.hidden_states(features)  # every hidden state (B, N, D), mask (B, N)
         inputs = [self._as_stored(hidden[l].masked_fill(~mask[..., None], 0.0), l) for l in self.layers]
-        with _side_autocast(self.device):
+        with side_autocast(self.device):
             return self.side_network(inputs, mask).float()  # (B, C)
 
     def predict(self, inputs: Sequence[str] | TextInputs, *, batch_size: int = 32,
@@ -190,12 +175,48 @@ class SideNetworkPredictor(nn.Module):
         return [scores[b, : len(f["input_ids"])] for b, f in enumerate(features)]
 
     def _as_stored(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """Hidden states (B, N, D) -> float32 after the round trip through the store's dtype."""
-        out = round_trip(h, self.storage_dtype)
-        if not torch.isfinite(out).all():
-            raise ValueRangeError(f"hidden state {layer} has values a {self.storage_dtype} store cannot hold "
-                                  "(inf/NaN after rounding); extraction would have refused this input too")
-        return out
+        return as_stored(h, self.storage_dtype, layer)
+
+
+# --------------------------------------------------------------------------- backbone and inputs, as stored
+# Shared with unipt search's QueryEncoder: every step from raw input to side network is the one training saw.
+def check_device(device: str) -> None:
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use auto or cpu")
+
+
+def find_backbone(checkpoint: str | Path, spec: str | None, identity: Mapping[str, Any]) -> tuple[str, Path]:
+    """(spec, local folder) of a checkpoint's backbone, its weight and tokenizer hashes checked against
+    ``identity`` (the store identity the checkpoint, or one of its towers, was trained from)."""
+    if not spec:
+        raise ValueError(f"checkpoint {checkpoint} does not record where its backbone is; pass it (--backbone)")
+    try:
+        folder = resolve_model_dir(spec)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}. The backbone of checkpoint {checkpoint} was {spec!r}; pass its folder "
+                                "(--backbone) if it now lives elsewhere") from None
+    expected = {k: identity.get(k) for k in _HASH_FIELDS}
+    check_provenance(expected, backbone_hashes(folder),
+                     what=f"backbone {spec} is not the one checkpoint {checkpoint} was trained on",
+                     hint="Pass the model folder the checkpoint's store was extracted with (--backbone).")
+    return spec, folder
+
+
+def check_widths(encoder: Any, layers: Sequence[int], widths: Sequence[int], spec: str) -> None:
+    """Refuse a backbone whose hidden states are not as wide as the ones the side network was trained on."""
+    for layer, width in zip(layers, widths):
+        if layer < encoder.num_hidden_states and encoder.widths[layer] != width:
+            raise ValueError(f"checkpoint needs hidden state {layer} of width {width}; backbone {spec} gives "
+                             f"width {encoder.widths[layer]}")
+
+
+def as_stored(h: torch.Tensor, storage_dtype: str, layer: int) -> torch.Tensor:
+    """Hidden states (B, N, D) -> float32 after the round trip through the store's dtype."""
+    out = round_trip(h, storage_dtype)
+    if not torch.isfinite(out).all():
+        raise ValueRangeError(f"hidden state {layer} has values a {storage_dtype} store cannot hold "
+                              "(inf/NaN after rounding); extraction would have refused this input too")
+    return out
 
 
 def _inference_record(checkpoint: str | Path, config: Mapping[str, Any],
@@ -241,7 +262,7 @@ def _word_starts(features: list[dict[str, Any]], scores: torch.Tensor) -> torch.
     return starts
 
 
-def _side_autocast(device: torch.device):
+def side_autocast(device: torch.device):
     # As unipt.train.evaluate scores the side network: bfloat16 autocast on GPU, float32 on CPU.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -11,6 +11,15 @@
                                  section then stands for the cartesian product of runs, named like
                                  ``<run name>@lr=0.0001,model.reduction=2`` (unipt.train.expand_sweep)
 
+A *retrieval* recipe has two towers instead of one source, each extracted into its own store, and a pair table
+that joins them (see :class:`RetrievalRecipe`)::
+
+    [towers.query] / [towers.document]   each: store (default <workdir>/<tower>.zarr) and its own [source],
+                                         [backbone] and [extract] tables, as above
+    [pairs]                              PairsConfig: the table of (query id, document id) pairs
+    [train.<run name>]                   as above; ``task`` holds unipt.train.retrieval.RetrievalOptions
+                                         (embed_dim, loss, ...), and ``method = "frozen"`` is the zero-shot line
+
 ``key=value`` overrides address any field by its dotted path (``train.unipt.lr=1e-3``,
 ``source.max_examples={train=20000}``); values are TOML literals, and bare words are strings. Unknown keys
 are refused with the list of valid ones, and a value of the wrong type is refused naming its field and the type
@@ -28,17 +37,34 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from unipt.extract import BackboneConfig, ExtractConfig, ImageSourceConfig, SourceConfig
-from unipt.train import MODEL_PREFIX, LoaderConfig, TrainConfig, expand_sweep, get_method
+from unipt.train import MODEL_PREFIX, METHODS, LoaderConfig, TrainConfig, expand_sweep, get_method
+from unipt.train.retrieval import TOWER_METHODS, retrieval_options
 
 from ._field_types import check_fields
 
 RECIPE_SUFFIX = ".toml"
 MODALITIES = {"text": SourceConfig, "image": ImageSourceConfig}  # [source] modality -> its config
 _TOP_LEVEL = {"name", "description", "workdir", "store", "source", "backbone", "extract", "loader", "train"}
+_RETRIEVAL_TOP_LEVEL = {"name", "description", "workdir", "towers", "pairs", "loader", "train"}
+TOWER_NAMES = ("query", "document")
+
+
+class _Outputs:
+    """Where a recipe's outputs go, under its ``workdir``."""
+
+    workdir: str
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.workdir) / "checkpoints"
+
+    @property
+    def metrics_log(self) -> Path:
+        return Path(self.workdir) / "metrics.jsonl"
 
 
 @dataclass
-class Recipe:
+class Recipe(_Outputs):
     name: str
     workdir: str
     store: str
@@ -53,13 +79,50 @@ class Recipe:
     """Each [train.<section>]'s runs: [section] itself, or the runs its sweep expands into."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the resolved document, saved with outputs
 
-    @property
-    def checkpoints(self) -> Path:
-        return Path(self.workdir) / "checkpoints"
+
+@dataclass
+class PairsConfig:
+    path: str = ""
+    """The pair table (CSV, TSV, JSONL, Parquet; data:// and pkg:// paths too): one row per (query, document) pair;
+    a query relevant to several documents (or a document with several captions) has several rows."""
+    query_column: str = "query_id"
+    """Column holding the query's example id (the id the query store keeps: its source's id_column)."""
+    document_column: str = "document_id"
+    """Column holding the document's example id."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("[pairs] path is required: the table of (query id, document id) pairs")
+
+
+@dataclass
+class Tower:
+    """One side of a retrieval recipe: its own source, backbone, extraction settings and store."""
+
+    name: str
+    store: str
+    source: SourceConfig | ImageSourceConfig
+    backbone: BackboneConfig
+    extract: ExtractConfig
+
+
+@dataclass
+class RetrievalRecipe(_Outputs):
+    name: str
+    workdir: str
+    towers: dict[str, Tower]
+    """``query`` and ``document``."""
+    pairs: PairsConfig
+    loader: LoaderConfig
+    train: dict[str, TrainConfig]
+    description: str = ""
+    sections: dict[str, list[str]] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
-    def metrics_log(self) -> Path:
-        return Path(self.workdir) / "metrics.jsonl"
+    def pair_index(self) -> str:
+        """Where the pair index (unipt.store.PairIndex) built from the pair table and both stores is kept."""
+        return f"{self.workdir}/pairs.json"
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -90,6 +153,15 @@ def load_recipe(spec: str, overrides: Sequence[str] = ()) -> Recipe:
     return build_recipe(document, default_name=path.stem)
 
 
+def recipe_has_towers(spec: str) -> bool:
+    """Whether a recipe is a retrieval recipe (two [towers], no single [source]); False for one that does not parse
+    (loading it reports why)."""
+    try:
+        return "towers" in tomllib.loads(find_recipe(spec).read_text())
+    except (tomllib.TOMLDecodeError, OSError):
+        return False
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
@@ -112,24 +184,15 @@ def apply_override(document: dict[str, Any], item: str) -> None:
     node[path[-1]] = value
 
 
-def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -> Recipe:
+def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -> Recipe | RetrievalRecipe:
     document = copy.deepcopy(dict(document))
+    if "towers" in document:
+        return _retrieval_recipe(document, default_name)
     _reject_unknown(document, _TOP_LEVEL, "the recipe's top level")
     name = str(document.get("name", default_name))
     workdir = str(document.get("workdir", f"runs/{name}"))
     store = str(document.get("store") or f"{workdir}/features.zarr")
-    train_section = document.get("train", {})
-    if not isinstance(train_section, dict) or not train_section:
-        raise ValueError("a recipe needs at least one [train.<run name>] section")
-    runs: dict[str, TrainConfig] = {}
-    sections: dict[str, list[str]] = {}
-    for section, values in train_section.items():
-        expanded = _train_section(section, values)
-        clash = sorted(set(expanded) & set(runs))
-        if clash:
-            raise ValueError(f"[train.{section}] makes run(s) {clash} that another [train.*] section already makes")
-        runs.update(expanded)
-        sections[section] = list(expanded)
+    runs, sections = _train_sections(document.get("train", {}))
     return Recipe(
         name=name,
         workdir=workdir,
@@ -145,16 +208,71 @@ def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -
     )
 
 
-def _source_config(values: Any) -> SourceConfig | ImageSourceConfig:
+def _train_sections(train_section: Any, methods: Mapping[str, Any] = METHODS,
+                    retrieval: bool = False) -> tuple[dict[str, TrainConfig], dict[str, list[str]]]:
+    """Every [train.<section>]'s runs (sweeps expanded), and which runs each section makes."""
+    if not isinstance(train_section, dict) or not train_section:
+        raise ValueError("a recipe needs at least one [train.<run name>] section")
+    runs: dict[str, TrainConfig] = {}
+    sections: dict[str, list[str]] = {}
+    for section, values in train_section.items():
+        expanded = _train_section(section, values, methods)
+        clash = sorted(set(expanded) & set(runs))
+        if clash:
+            raise ValueError(f"[train.{section}] makes run(s) {clash} that another [train.*] section already makes")
+        if retrieval:
+            for run, config in expanded.items():
+                try:
+                    retrieval_options(config)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"[train.{section}] task: {exc}") from exc
+        runs.update(expanded)
+        sections[section] = list(expanded)
+    return runs, sections
+
+
+def _retrieval_recipe(document: dict[str, Any], default_name: str) -> RetrievalRecipe:
+    _reject_unknown(document, _RETRIEVAL_TOP_LEVEL, "the retrieval recipe's top level")
+    name = str(document.get("name", default_name))
+    workdir = str(document.get("workdir", f"runs/{name}"))
+    towers_section = document.get("towers")
+    if not isinstance(towers_section, Mapping) or sorted(towers_section) != sorted(TOWER_NAMES):
+        found = sorted(towers_section) if isinstance(towers_section, Mapping) else towers_section
+        raise ValueError(f"a retrieval recipe needs exactly the towers {list(TOWER_NAMES)} ([towers.query], "
+                         f"[towers.document]), got {found}")
+    towers = {}
+    for tower in TOWER_NAMES:
+        values = towers_section[tower]
+        where = f"[towers.{tower}]"
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where} must be a table, got {values!r}")
+        _reject_unknown(values, {"store", "source", "backbone", "extract"}, where)
+        store = str(values.get("store") or f"{workdir}/{tower}.zarr")
+        values.setdefault("store", store)
+        towers[tower] = Tower(tower, store, _source_config(values.get("source", {}), f"{where} source"),
+                              make_config(BackboneConfig, values.get("backbone", {}), f"{where} backbone"),
+                              make_config(ExtractConfig, values.get("extract", {}), f"{where} extract"))
+    if towers["query"].store == towers["document"].store:
+        raise ValueError(f"the two towers write one store ({towers['query'].store}): give each its own `store`")
+    runs, sections = _train_sections(document.get("train", {}), TOWER_METHODS, retrieval=True)
+    return RetrievalRecipe(
+        name=name, workdir=workdir, towers=towers,
+        pairs=make_config(PairsConfig, document.get("pairs", {}), "[pairs]"),
+        loader=make_config(LoaderConfig, document.get("loader", {}), "[loader]"),
+        train=runs, description=str(document.get("description", "")), sections=sections,
+        raw={**document, "name": name, "workdir": workdir})
+
+
+def _source_config(values: Any, where: str = "[source]") -> SourceConfig | ImageSourceConfig:
     """[source]: a text source, or with ``modality = "image"`` an image source."""
     values = dict(values) if isinstance(values, Mapping) else values
     modality = values.pop("modality", "text") if isinstance(values, dict) else "text"
     if not isinstance(modality, str) or modality not in MODALITIES:  # an array or table cannot be looked up
-        raise ValueError(f"[source] modality must be one of {sorted(MODALITIES)}, got {modality!r}")
-    return make_config(MODALITIES[modality], values, "[source]")
+        raise ValueError(f"{where} modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+    return make_config(MODALITIES[modality], values, where)
 
 
-def _train_section(section: str, values: Any) -> dict[str, TrainConfig]:
+def _train_section(section: str, values: Any, methods: Mapping[str, Any] = METHODS) -> dict[str, TrainConfig]:
     """One [train.<section>]: its run, or the runs its ``sweep`` table expands into."""
     where = f"[train.{section}]"
     if not isinstance(values, Mapping):
@@ -171,18 +289,18 @@ def _train_section(section: str, values: Any) -> dict[str, TrainConfig]:
     check_fields(TrainConfig, lists, where, "sweep.", swept=True)
     swept_model = {key[len(MODEL_PREFIX):]: options for key, options in lists.items() if key.startswith(MODEL_PREFIX)}
     for method in lists.get("method", [base.method]):
-        config_cls = get_method(method).config_cls  # an unknown method is refused, listing the methods
+        config_cls = get_method(method, methods).config_cls  # an unknown method is refused, listing the methods
         check_fields(config_cls, base.model, where, "model.")
         check_fields(config_cls, swept_model, where, "sweep.model.", swept=True)
     if "method" not in sweep:
-        get_method(base.method).make_config(base.model)  # validate the model options now
+        get_method(base.method, methods).make_config(base.model)  # validate the model options now
     try:
-        return expand_sweep(section, base, sweep)
+        return expand_sweep(section, base, sweep, methods)
     except ValueError as exc:
         raise ValueError(f"{where} sweep: {exc}") from exc
 
 
-def select_runs(recipe: Recipe, names: Sequence[str] = ()) -> list[str]:
+def select_runs(recipe: Recipe | RetrievalRecipe, names: Sequence[str] = ()) -> list[str]:
     """The runs ``names`` pick (run names, or section names standing for all their runs); all when empty."""
     if not names:
         return list(recipe.train)

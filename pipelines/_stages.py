@@ -8,13 +8,13 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from unipt.extract import ExtractSummary, backbone_hashes, resolve_path, run_extraction
+from unipt.extract import BackboneConfig, ExtractSummary, backbone_hashes, resolve_path, run_extraction
 from unipt.store import FeatureStore, check_provenance
 from unipt.train import MetricsLog, RunResult, fit_many, pass_groups
 
-from ._recipe import Recipe, select_runs
+from ._recipe import Recipe, RetrievalRecipe, select_runs
 
 log = logging.getLogger("unipt")
 
@@ -55,21 +55,26 @@ def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = Fa
 
 
 def check_store_fits_recipe(recipe: Recipe, store: FeatureStore) -> None:
-    """Refuse to train from a store extracted with another backbone than the recipe names.
+    """Refuse to train from a store extracted with another backbone than the recipe names."""
+    check_store_fits_backbone(recipe.backbone, store)
 
-    Compares the sha256 of the recipe's model files (hashed, not loaded) with the store's provenance, when
-    the model is a local or pkg:// folder; a hub id is not fetched just to check.
+
+def check_store_fits_backbone(backbone: BackboneConfig, store: FeatureStore) -> None:
+    """Refuse a store extracted with another backbone than ``backbone`` names.
+
+    Compares the sha256 of the model files (hashed, not loaded) with the store's provenance, when the model is
+    a local or pkg:// folder; a hub id is not fetched just to check.
     """
     try:
-        folder = Path(resolve_path(recipe.backbone.model))
+        folder = Path(resolve_path(backbone.model))
     except FileNotFoundError:  # a pkg:// folder whose package is not installed here
         folder = None
     if folder is None or not folder.is_dir():
-        log.info("backbone %s is not a local folder: store provenance not checked against it", recipe.backbone.model)
+        log.info("backbone %s is not a local folder: store provenance not checked against it", backbone.model)
         return
     recorded = store.provenance.get("backbone", {})
     check_provenance(backbone_hashes(folder), {k: recorded.get(k) for k in ("weights_sha256", "tokenizer_sha256")},
-                     what=f"store {store.url} was not extracted with the recipe's backbone {recipe.backbone.model}",
+                     what=f"store {store.url} was not extracted with the recipe's backbone {backbone.model}",
                      hint="Re-extract (`unipt extract`) into a new store, or point the recipe at the backbone the "
                           "store was made with.")
 
@@ -123,6 +128,9 @@ def _reported_metrics(results: Sequence[RunResult]) -> list[str]:
 
 
 def _label(metric: str) -> str:
+    recall = re.fullmatch(r"(q2d|d2q)_r(\d+)", metric)  # retrieval: R@K query -> document, document -> query
+    if recall:
+        return f"{'q→d' if recall[1] == 'q2d' else 'd→q'} R@{recall[2]}"
     return {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "map": "mAP", "entity_f1": "entity F1",
             "token_accuracy": "token accuracy", "rmse": "RMSE"}.get(metric, metric.replace("_", " "))
 
@@ -164,19 +172,23 @@ def _mean_std(values: list[float | None]) -> str:
     return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
 
-def write_report(recipe: Recipe, results: Sequence[RunResult], extraction: ExtractSummary | None) -> Path:
-    """summary.md (the table) and summary.json (every number) in the recipe's workdir."""
+def write_report(recipe: Recipe | RetrievalRecipe, results: Sequence[RunResult],
+                 extraction: ExtractSummary | Mapping[str, ExtractSummary] | None) -> Path:
+    """summary.md (the table) and summary.json (every number) in the recipe's workdir. ``extraction``: the
+    store's extraction, or each tower's (a retrieval recipe)."""
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     table = results_table(results)
     lines = [f"# {recipe.name}", "", recipe.description, "", table, ""]
-    if extraction is not None:
-        lines += [f"Extraction: {extraction.describe()}", ""]
+    extractions = extraction if isinstance(extraction, Mapping) else {} if extraction is None else {"": extraction}
+    for tower, summary in extractions.items():
+        lines += [f"Extraction{f' ({tower} tower)' if tower else ''}: {summary.describe()}", ""]
+    record = {name: {**summary.__dict__, "examples_per_s": summary.examples_per_s} for name, summary in extractions.items()}
     (workdir / "summary.md").write_text("\n".join(lines))
     (workdir / "summary.json").write_text(json.dumps({
         "recipe": recipe.name,
-        "store": recipe.store,
-        "extraction": None if extraction is None else {**extraction.__dict__, "examples_per_s": extraction.examples_per_s},
+        "store": getattr(recipe, "store", None) or {t: tower.store for t, tower in recipe.towers.items()},
+        "extraction": record.get("", record or None),
         "runs": [{k: v for k, v in r.__dict__.items() if k != "history"} | {"history": r.history} for r in results],
     }, indent=2) + "\n")
     return workdir / "summary.md"

@@ -3,8 +3,10 @@
     unipt run RECIPE [KEY=VALUE ...]        extract (resuming) + train every run + print the table
     unipt extract RECIPE [KEY=VALUE ...]    stage 1 only: frozen backbone -> feature store
     unipt train RECIPE [KEY=VALUE ...]      stage 2 only: side networks from the store (no backbone)
-    unipt eval CHECKPOINT --store URL       score a checkpoint on a split of a store
+    unipt eval CHECKPOINT --store URL       score a checkpoint on a split of a store (two towers: --pairs)
     unipt predict CHECKPOINT --input FILE   backbone + side network on raw texts: labels and probabilities
+    unipt index CHECKPOINT --store URL --output INDEX    embed a two-tower checkpoint's gallery from its store
+    unipt search INDEX --query TEXT | --image PATH       the gallery's nearest ids for raw queries
     unipt store info|ls|skipped|verify|rm-part|export ...   inspect, maintain and export feature stores
     unipt recipes [NAME]                    list shipped recipes, or print one (to copy and edit)
 
@@ -21,7 +23,7 @@ import sys
 import time
 from typing import Sequence
 
-from ._recipe import find_recipe, load_recipe, shipped_recipes
+from ._recipe import find_recipe, load_recipe, recipe_has_towers, shipped_recipes
 
 log = logging.getLogger("unipt")
 
@@ -85,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", parents=[common], help="score a checkpoint on a split of a feature store")
     ev.add_argument("checkpoint", help="a checkpoint folder (model.safetensors + config.json)")
-    ev.add_argument("--store", required=True, help="feature store path or URL")
+    ev.add_argument("--store", help="feature store path or URL (a two-tower checkpoint: see --pairs)")
+    ev.add_argument("--pairs", metavar="PAIRS_JSON", help="a two-tower checkpoint: the pair index its recipe built "
+                                                          "(<workdir>/pairs.json); its two stores are read from it")
+    ev.add_argument("--query-store", metavar="URL", help="a two-tower checkpoint: the query store, if it moved")
+    ev.add_argument("--document-store", metavar="URL", help="a two-tower checkpoint: the document store, if it moved")
     ev.add_argument("--split", default="test", help="split to score (default: test)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto")
@@ -143,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--maxcount", type=int, default=10_000, help="examples per tar shard")
     ex.set_defaults(handler=_cmd_store_export)
 
+    from ._search import add_commands as add_search_commands
+
+    add_search_commands(sub, common)  # unipt index, unipt search: two-tower retrieval checkpoints
+
     rc = sub.add_parser("recipes", parents=[common], help="list shipped recipes, or print one")
     rc.add_argument("name", nargs="?", help="print this recipe (redirect to a file to start your own)")
     rc.set_defaults(handler=_cmd_recipes)
@@ -150,51 +160,90 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args):
-    overrides = list(args.overrides) + (["source.max_examples={}"] if args.full else [])
-    if args.workers is not None:
-        overrides.append(f"extract.workers={args.workers}")
-    if args.scheduler:
-        overrides.append(f"extract.scheduler='{args.scheduler}'")
+    # --full, --workers and --scheduler set the extraction of the recipe's one store, or of both its towers.
+    prefixes = [f"towers.{t}." for t in ("query", "document")] if recipe_has_towers(args.recipe) else [""]
+    overrides = list(args.overrides)
+    for prefix in prefixes:
+        if args.full:
+            overrides.append(f"{prefix}source.max_examples={{}}")
+        if args.workers is not None:
+            overrides.append(f"{prefix}extract.workers={args.workers}")
+        if args.scheduler:
+            overrides.append(f"{prefix}extract.scheduler='{args.scheduler}'")
     return load_recipe(args.recipe, overrides)
 
 
-def _cmd_extract(args) -> int:
-    from ._stages import extract_stage
+def _stages(recipe):
+    """(extract, train) stage functions for this kind of recipe: one store, or two towers (retrieval)."""
+    from ._recipe import RetrievalRecipe
 
-    extract_stage(_recipe(args), progress=not args.quiet)
+    if isinstance(recipe, RetrievalRecipe):
+        from ._retrieval import extract_towers, train_retrieval_stage
+
+        return extract_towers, train_retrieval_stage
+    from ._stages import extract_stage, train_stage
+
+    return extract_stage, train_stage
+
+
+def _cmd_extract(args) -> int:
+    recipe = _recipe(args)
+    extract, _ = _stages(recipe)
+    extract(recipe, progress=not args.quiet)
     return 0
 
 
 def _cmd_train(args) -> int:
-    from ._stages import results_table, train_stage, write_report
+    from ._stages import results_table, write_report
 
     recipe = _recipe(args)
-    results = train_stage(recipe, args.run, separate=args.separate, progress=not args.quiet,
-                          allow_incomplete=args.allow_incomplete)
+    _, train = _stages(recipe)
+    results = train(recipe, args.run, separate=args.separate, progress=not args.quiet,
+                    allow_incomplete=args.allow_incomplete)
     print(results_table(results))
     write_report(recipe, results, None)
     return 0
 
 
 def _cmd_run(args) -> int:
-    from ._stages import extract_stage, results_table, train_stage, write_report
+    from ._stages import results_table, write_report
 
     recipe = _recipe(args)
-    extraction = extract_stage(recipe, progress=not args.quiet)
-    results = train_stage(recipe, progress=not args.quiet)
+    extract, train = _stages(recipe)
+    extraction = extract(recipe, progress=not args.quiet)
+    results = train(recipe, progress=not args.quiet)
     print()
     print(f"{recipe.name}: {recipe.description}".rstrip(": "))
     print(results_table(results))
-    print(f"\nextraction (once, shared by every run): {extraction.describe()}")
+    summaries = extraction if isinstance(extraction, dict) else {"": extraction}
+    for tower, summary in summaries.items():
+        print(f"\nextraction{f' of the {tower} tower' if tower else ''} (once, shared by every run): "
+              f"{summary.describe()}")
     report = write_report(recipe, results, extraction)
     print(f"report: {report}   checkpoints: {recipe.checkpoints}   metrics: {recipe.metrics_log}")
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from unipt.store import FeatureStore
+    from unipt.store import FeatureStore, PairIndex
     from unipt.train import evaluate_checkpoint
+    from unipt.train._checkpoint import read_checkpoint_config
 
+    if read_checkpoint_config(args.checkpoint).get("kind") == "two-tower":
+        from unipt.train.retrieval import evaluate_two_tower
+
+        if not args.pairs:
+            raise ValueError(f"{args.checkpoint} is a two-tower checkpoint: pass the pair index its recipe built "
+                             "(--pairs <workdir>/pairs.json)")
+        index = PairIndex.load(args.pairs)
+        stores = [FeatureStore.open(given or index.stores[tower]["url"])
+                  for tower, given in (("query", args.query_store), ("document", args.document_store))]
+        metrics = evaluate_two_tower(args.checkpoint, *stores, index, args.split, batch_size=args.batch_size,
+                                     device=args.device)
+        print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}, indent=2))
+        return 0
+    if not args.store:
+        raise ValueError("pass the store to score the checkpoint on (--store URL)")
     metrics = evaluate_checkpoint(args.checkpoint, FeatureStore.open(args.store), args.split,
                                   batch_size=args.batch_size, device=args.device,
                                   allow_incomplete=args.allow_incomplete)

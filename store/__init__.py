@@ -8,12 +8,16 @@ from ._export import export_webdataset
 from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
 from ._format import (CLASSIFICATION, DEFAULT_DTYPE, FORMAT_VERSION, IGNORE_INDEX, MULTILABEL, REGRESSION, TAGGING,
                       TARGETS, TASK_KINDS, layer_key, part_key)
+from ._pairs import PairIndex, SplitPairs, stored_ids
 from ._provenance import ProvenanceMismatch, check_provenance, provenance_diff
 from ._store import (CorruptChunkError, FeatureStore, IncompleteStoreError, PartData, PartFolder, PartInfo, PartWriter,
                      SplitStatus, StoreError)
 
 __all__ = [
     "FeatureStore",
+    "PairIndex",
+    "SplitPairs",
+    "stored_ids",
     "PartInfo",
     "PartData",
     "PartWriter",

@@ -91,10 +91,9 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``config.json`` and load its safetensors weights."""
-    directory = Path(directory)
-    config_path = directory / CONFIG
+def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json``, checked to be a unipt checkpoint of a version this code reads."""
+    config_path = Path(directory) / CONFIG
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} is not a unipt checkpoint (no {CONFIG})")
     try:
@@ -104,9 +103,27 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or config.get("version") != CHECKPOINT_VERSION:
         found = (config.get("format"), config.get("version")) if isinstance(config, dict) else (type(config).__name__, "?")
         raise ValueError(f"{config_path}: format {found[0]!r} v{found[1]} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}")
+    return config
+
+
+def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` and load its safetensors weights."""
+    directory = Path(directory)
+    config = read_checkpoint_config(directory)
+    if config.get("kind") == "two-tower":
+        raise ValueError(f"{directory} is a two-tower retrieval checkpoint: load it with "
+                         "unipt.train.retrieval.load_two_tower; serve it with `unipt index` and `unipt search`")
     method = get_method(config["method"])
     head = HeadSpec(**config["head"]) if "head" in config else config["num_labels"]
     model = method.build(method.make_config(config["model"]), config["layer_widths"], head)
+    load_weights(directory, model, map_location)
+    return model, config
+
+
+def load_weights(directory: str | Path, model: nn.Module, map_location: str | torch.device = "cpu") -> None:
+    """Load a checkpoint's safetensors weights into ``model`` (built from its config.json), with errors that say
+    whether the file is missing, damaged or holds other weights."""
+    directory = Path(directory)
     weights = directory / WEIGHTS
     try:
         state = load_file(str(weights), device=str(map_location))
@@ -119,9 +136,8 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # missing or misshapen tensors: the weights are not those config.json describes
-        raise ValueError(f"{weights} does not hold the weights {config_path} describes ({exc}); restore the "
+        raise ValueError(f"{weights} does not hold the weights {directory / CONFIG} describes ({exc}); restore the "
                          "checkpoint or train again") from exc
-    return model, config
 
 
 def checkpoint_task(config: Mapping[str, Any]) -> Task:

@@ -108,6 +108,7 @@ class ActivationLoader:
             mode = "memory" if self.resident_bytes <= self.config.memory_budget_gb * 2**30 else "stream"
         self.mode = mode
         self._resident: _Resident | None = None
+        self._rows: dict[str, int] | None = None  # example id -> row of the resident split (batch_of)
         self.epoch = 0
         background = self.config.background
         spare_core = (os.cpu_count() or 1) > torch.get_num_threads()
@@ -119,7 +120,20 @@ class ActivationLoader:
 
     def release(self) -> None:
         """Free the decoded split that memory mode keeps between epochs (a later epoch decodes it again)."""
-        self._resident = None
+        self._resident = self._rows = None
+
+    def batch_of(self, example_ids: Sequence[str]) -> Batch:
+        """The examples ``example_ids`` as one padded batch, in that order (repeats allowed), read from the
+        split held in memory: the split is decoded once, on the first call, whatever the loader's mode."""
+        if self._resident is None:
+            self._resident = self._read_resident()
+        if self._rows is None:
+            self._rows = {str(example_id): row for row, example_id in enumerate(self._resident.example_id)}
+        try:
+            rows = [self._rows[str(example_id)] for example_id in example_ids]
+        except KeyError as exc:
+            raise StoreError(f"example {exc.args[0]!r} is not in split {self.split!r} of {self.store.url}") from None
+        return self._collate([(self._resident, row) for row in rows])
 
     def __len__(self) -> int:
         return math.ceil(self.num_examples / self.batch_size)

@@ -18,21 +18,22 @@ import itertools
 import re
 from typing import Any, Mapping, Sequence
 
-from ._methods import get_method
+from ._methods import METHODS, Method, get_method
 from .config import TrainConfig
 
 MODEL_PREFIX = "model."
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+@-]")
 
 
-def sweep_keys(methods: Sequence[str]) -> list[str]:
-    """Every key a sweep over runs of ``methods`` may vary."""
+def sweep_keys(methods: Sequence[str], registry: Mapping[str, Method] = METHODS) -> list[str]:
+    """Every key a sweep over runs of ``methods`` (names in ``registry``) may vary."""
     train = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    model = {f.name for m in methods for f in dataclasses.fields(get_method(m).config_cls)}
+    model = {f.name for m in methods for f in dataclasses.fields(get_method(m, registry).config_cls)}
     return sorted(train) + sorted(MODEL_PREFIX + name for name in model)
 
 
-def expand_sweep(name: str, base: TrainConfig, sweep: Mapping[str, Sequence[Any]]) -> dict[str, TrainConfig]:
+def expand_sweep(name: str, base: TrainConfig, sweep: Mapping[str, Sequence[Any]],
+                 registry: Mapping[str, Method] = METHODS) -> dict[str, TrainConfig]:
     """``{run name: config}`` for every combination of ``sweep``'s values on top of ``base``.
 
     An empty sweep gives ``{name: base}``. Unknown keys are refused with the list of valid ones; every
@@ -43,8 +44,8 @@ def expand_sweep(name: str, base: TrainConfig, sweep: Mapping[str, Sequence[Any]
     for key, values in sweep.items():
         if not isinstance(values, (list, tuple)) or not values:
             raise ValueError(f"sweep values must be a non-empty list, got {key} = {values!r}")
-    methods = [get_method(m).name for m in sweep.get("method", [base.method])]
-    valid = sweep_keys(methods)
+    methods = [get_method(m, registry).name for m in sweep.get("method", [base.method])]
+    valid = sweep_keys(methods, registry)
     unknown = sorted(set(sweep) - set(valid))
     if unknown:
         raise ValueError(f"unknown sweep key(s) {unknown}; valid keys: {valid}")
@@ -57,7 +58,7 @@ def expand_sweep(name: str, base: TrainConfig, sweep: Mapping[str, Sequence[Any]
         model = {**base.model, **{k[len(MODEL_PREFIX):]: v for k, v in chosen.items() if k.startswith(MODEL_PREFIX)}}
         try:
             config = dataclasses.replace(base, **train, model=model)
-            get_method(config.method).make_config(config.model)
+            get_method(config.method, registry).make_config(config.model)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"sweep run {run!r}: {exc}") from exc
         if run in runs:

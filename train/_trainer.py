@@ -274,14 +274,7 @@ class _Run:
             with _autocast(self.device):
                 outputs = self.model([batch.hidden_states[i] for i in self.pick], batch.mask)
             loss = self.task.loss(outputs.float(), batch.labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        if self.config.grad_clip:
-            nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        self.epoch_seen += len(batch)
+            descend(self, loss, len(batch))
         weight = self.task.loss_weight(batch.labels)
         self.loss_sum += loss.detach().double() * weight
         self.loss_weight += weight
@@ -331,6 +324,19 @@ class _Run:
                          checkpoint=str(self.checkpoint), history=self.history,
                          config=config_dict(self.config), runs_in_pass=runs_in_pass, task=self.task.kind,
                          select_metric=self.select_metric)
+
+
+def descend(run, loss: torch.Tensor, examples: int) -> None:
+    """One optimiser step of ``run`` (a run in training: optimizer, scheduler, params, config, step and epoch
+    counters) on ``loss``: backward, gradient clipping, AdamW, schedule; called inside the run's random stream."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.config.grad_clip:
+        nn.utils.clip_grad_norm_(run.params, run.config.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    run.epoch_seen += examples
 
 
 def _train_pass(runs: list[_Run], loader: ActivationLoader, epoch: int, device: torch.device, desc: str,

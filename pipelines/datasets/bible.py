@@ -231,8 +231,12 @@ def near_identical(a: tuple[str, str], b: tuple[str, str]) -> bool:
     return any(_normalised(x) == _normalised(y) or _overlap(x, y) >= NEAR_IDENTICAL for x, y in zip(a, b))
 
 
-def prepare(out_dir: Path) -> None:
-    start = time.perf_counter()
+def read_aligned() -> tuple[dict[str, dict[Ref, str]], dict[Ref, tuple[str, str]], dict[str, list[Ref]]]:
+    """Both Bibles read (:data:`MODULES`), cleaned (:func:`clean_osis`) and aligned (:func:`align`).
+
+    Returns ``(cleaned, aligned, dropped)``: ``cleaned`` maps ``"kjv"`` / ``"web"`` to every verse slot's
+    text, ``aligned`` and ``dropped`` are :func:`align`'s. Raises if markup is left in an aligned verse.
+    """
     raw = {name: read_module(module) for name, module in MODULES.items()}
     cleaned = {name: {ref: clean_osis(text) for ref, text in verses.items()} for name, verses in raw.items()}
     aligned, dropped = align(cleaned["kjv"], cleaned["web"])
@@ -240,16 +244,14 @@ def prepare(out_dir: Path) -> None:
         for text in texts:
             if _MARKUP_LEFT.search(text):
                 raise ValueError(f"{ref_name(ref)}: markup left after cleaning: {text!r}")
-    pairs, counts = build_pairs(aligned)
-    with open(out_dir / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    return cleaned, aligned, dropped
 
+
+def alignment_stats(cleaned: dict[str, dict[Ref, str]], aligned: dict[Ref, tuple[str, str]],
+                    dropped: dict[str, list[Ref]]) -> dict:
+    """The counts of :func:`read_aligned` for stats.json: verses per translation, aligned, dropped (why)."""
     kjv_books = dict.fromkeys(ref[0] for ref in cleaned["kjv"])
-    labels_per_chapter = defaultdict(set)
-    for pair in pairs:
-        labels_per_chapter[pair["chapter"]].add(pair["label"])
-    stats = {
+    return {
         "modules": MODULES,
         "verses": {name: sum(1 for text in verses.values() if text) for name, verses in cleaned.items()},
         "verse_slots": {name: len(verses) for name, verses in cleaned.items()},
@@ -259,6 +261,22 @@ def prepare(out_dir: Path) -> None:
                          for reason, refs in dropped.items() if reason != "only_web"},
         "only_web_books": sorted({ref[0] for ref in dropped["only_web"] if ref[0] not in kjv_books}),
         "only_web_refs_in_kjv_books": [ref_name(r) for r in dropped["only_web"] if r[0] in kjv_books],
+    }
+
+
+def prepare(out_dir: Path) -> None:
+    start = time.perf_counter()
+    cleaned, aligned, dropped = read_aligned()
+    pairs, counts = build_pairs(aligned)
+    with open(out_dir / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+
+    labels_per_chapter = defaultdict(set)
+    for pair in pairs:
+        labels_per_chapter[pair["chapter"]].add(pair["label"])
+    stats = {
+        **alignment_stats(cleaned, aligned, dropped),
         "pairs": dict(Counter(pair["label"] for pair in pairs)),
         "pair_counts": counts,
         "first": dict(Counter(pair["first"] for pair in pairs)),

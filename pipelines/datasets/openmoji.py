@@ -108,20 +108,29 @@ def rasterise(svg: bytes, size: int = IMAGE_PX) -> bytes:
     return buffer.getvalue()
 
 
+def read_emojis(package: Path) -> list[dict[str, str]]:
+    """Every row of the npm package's ``data/openmoji.csv``, skin-tone variants included, in its order."""
+    with open(package / "data" / "openmoji.csv", encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def emoji_svg(package: Path, hexcode: str) -> bytes:
+    """The bytes of emoji ``hexcode``'s colour SVG in the npm package; names the file when it is missing."""
+    svg = package / "color" / "svg" / f"{hexcode}.svg"
+    if not svg.is_file():
+        raise FileNotFoundError(f"openmoji.csv names emoji {hexcode} but {svg} does not exist")
+    return svg.read_bytes()
+
+
 def prepare(out_dir: Path) -> None:
     package = npm_package_dir("openmoji")
-    with open(package / "data" / "openmoji.csv", encoding="utf-8", newline="") as f:
-        rows = base_designs(csv.DictReader(f))
+    rows = base_designs(read_emojis(package))
     vocabulary = [tag for tag, _ in tag_vocabulary(rows, NUM_TAGS)]
     kept = label_rows(rows, vocabulary)
     (out_dir / "images").mkdir()
-    svg_dir = package / "color" / "svg"
     for row in kept:
         hexcode = Path(row["image"]).stem
-        svg = svg_dir / f"{hexcode}.svg"
-        if not svg.is_file():
-            raise FileNotFoundError(f"openmoji.csv names emoji {hexcode} but {svg} does not exist")
-        (out_dir / row["image"]).write_bytes(rasterise(svg.read_bytes()))
+        (out_dir / row["image"]).write_bytes(rasterise(emoji_svg(package, hexcode)))
     with open(out_dir / "tags.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, lineterminator="\n")
         writer.writeheader()

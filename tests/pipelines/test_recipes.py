@@ -16,6 +16,7 @@ from unipt.extract import ImageSourceConfig
 from unipt.pipelines import (apply_override, build_recipe, load_recipe, results_table, shipped_recipes, train_stage,
                              write_report)
 from unipt.pipelines._recipe import select_runs
+from unipt.pipelines._recipe import recipe_has_towers
 from unipt.pipelines.cli import main
 from unipt.store import FeatureStore
 
@@ -78,7 +79,8 @@ def task_source_overrides(recipe, folder: Path, image_folder: Path) -> tuple[lis
     return [f"source.path='{path}'"], len(rows)
 
 
-@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+@pytest.mark.parametrize("name", sorted(name for name, path in shipped_recipes().items()
+                                         if not recipe_has_towers(str(path))))  # retrieval: test_retrieval_recipes
 def test_every_shipped_recipe_runs_a_few_steps(name, tiny_bert_dir, tiny_vit_dir, tiny_resnet_dir, image_folder,
                                                text_csv, tmp_path, capsys):
     recipe = load_recipe(name)
