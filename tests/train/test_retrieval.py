@@ -197,7 +197,6 @@ def test_pair_loader_reads_each_store_at_most_once_per_epoch(tmp_path):
 # ----------------------------------------------------------------------------------------------- models
 def test_a_residual_tower_starts_as_the_frozen_embedding():
     torch.manual_seed(0)
-    side = torch.nn.Sequential()  # any module: the gate at 0 hides it
     hidden = [torch.randn(3, 5, 8), torch.randn(3, 5, 8)]
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
 
