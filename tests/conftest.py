@@ -238,3 +238,14 @@ def assert_checkpoint_rebuilds(config, store: FeatureStore, checkpoint: str, tes
     torch.testing.assert_close(loaded.eval()(batch.hidden_states, batch.mask),
                                rebuilt.eval()(batch.hidden_states, batch.mask), atol=0, rtol=0)
     assert evaluate(loaded, loader, torch.device("cpu"), len(store.label_names)) == test_metrics
+
+
+def write_fake_openmoji(cache: Path, csv_text: str, svgs: dict[str, bytes]) -> Path:
+    """npm openmoji's layout under ``cache`` (a $UNIPT_CACHE): data/openmoji.csv and color/svg/<hexcode>.svg."""
+    package = cache / "npm" / "node_modules" / "openmoji"
+    (package / "data").mkdir(parents=True)
+    (package / "data" / "openmoji.csv").write_text(csv_text, encoding="utf-8")
+    (package / "color" / "svg").mkdir(parents=True)
+    for hexcode, svg in svgs.items():
+        (package / "color" / "svg" / f"{hexcode}.svg").write_bytes(svg)
+    return package

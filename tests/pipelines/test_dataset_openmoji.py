@@ -10,6 +10,8 @@ from collections import Counter
 
 import pytest
 
+from conftest import write_fake_openmoji
+
 from unipt.extract import ImageSourceConfig, load_image_source
 from unipt.pipelines.datasets import dataset_dir, get_dataset, openmoji
 
@@ -94,13 +96,7 @@ def test_rasterise_draws_on_white_at_72_px():
 def fake_package(tmp_path, monkeypatch):
     """The npm package's layout under a temporary $UNIPT_CACHE: data/openmoji.csv and color/svg/*.svg."""
     monkeypatch.setenv("UNIPT_CACHE", str(tmp_path / "cache"))
-    package = tmp_path / "cache" / "npm" / "node_modules" / "openmoji"
-    (package / "data").mkdir(parents=True)
-    (package / "data" / "openmoji.csv").write_text(OPENMOJI_CSV, encoding="utf-8")
-    (package / "color" / "svg").mkdir(parents=True)
-    for row in rows():
-        (package / "color" / "svg" / f"{row['hexcode']}.svg").write_bytes(SVG)
-    return package
+    return write_fake_openmoji(tmp_path / "cache", OPENMOJI_CSV, {row["hexcode"]: SVG for row in rows()})
 
 
 def test_prepare_writes_tags_csv_and_images_that_the_table_reader_reads(fake_package, tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ from collections import Counter
 
 import pytest
 
+from conftest import write_fake_openmoji
+
 from unipt.pipelines.datasets import bible, bible_retrieval, dataset_dir, get_dataset, openmoji, openmoji_retrieval
 
 SPAKE = ("And the LORD spake unto Moses, saying,", "Yahweh spoke to Moses, saying,")
@@ -134,14 +136,8 @@ BROKEN_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><lin
 def fake_package(tmp_path, monkeypatch):
     """The npm package's layout under a temporary $UNIPT_CACHE: data/openmoji.csv and color/svg/*.svg."""
     monkeypatch.setenv("UNIPT_CACHE", str(tmp_path / "cache"))
-    package = tmp_path / "cache" / "npm" / "node_modules" / "openmoji"
-    (package / "data").mkdir(parents=True)
-    (package / "data" / "openmoji.csv").write_text(OPENMOJI_CSV, encoding="utf-8")
-    (package / "color" / "svg").mkdir(parents=True)
-    for row in om_rows():
-        svg = {"1F44D": OTHER_SVG, "26F0": BROKEN_SVG}.get(row["hexcode"], SVG)
-        (package / "color" / "svg" / f"{row['hexcode']}.svg").write_bytes(svg)
-    return package
+    svgs = {row["hexcode"]: {"1F44D": OTHER_SVG, "26F0": BROKEN_SVG}.get(row["hexcode"], SVG) for row in om_rows()}
+    return write_fake_openmoji(tmp_path / "cache", OPENMOJI_CSV, svgs)
 
 
 def read_csv(path):

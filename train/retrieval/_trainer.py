@@ -115,7 +115,9 @@ def fit_retrieval(runs: Mapping[str, TrainConfig], query_store: FeatureStore, do
 
     test_metrics: list[dict[str, float] | None] = [None] * len(trainers)
     if first.test_split in galleries:
-        train_loader.release()
+        train_loader.release()  # memory mode: the decoded train and eval splits are not needed any more
+        if first.eval_split in galleries and first.eval_split != first.test_split:
+            galleries[first.eval_split].release()
         best = [(load_two_tower(run.checkpoint, map_location=str(device))[0], run.pick) for run in trainers]
         test_metrics = galleries[first.test_split].score(best, device)
         for run, metrics in zip(trainers, test_metrics):
@@ -132,6 +134,11 @@ class Gallery:
         self.pairs, self.split = pairs, split
         self.loaders = {t: ActivationLoader(stores[t], split, layers[t], batch_size=batch_size, shuffle=False,
                                             length_sorted=True, config=config or LoaderConfig()) for t in TOWERS}
+
+    def release(self) -> None:
+        """Free the decoded split each tower's loader keeps between passes (memory mode)."""
+        for loader in self.loaders.values():
+            loader.release()
 
     @torch.no_grad()
     def embed(self, models: Sequence[tuple[TwoTower, Mapping[str, list[int]]]], device: torch.device,
