@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, fields
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -25,6 +26,9 @@ from unipt.store._claims import new_run_id
 from ._runner import (BackgroundWriter, Encoder, ExtractSummary, PartTask, build_encoder, extract_claimed_part,
                       wait_for_other_runs)
 from .config import BackboneConfig
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
 
 _ENCODERS: dict[str, Encoder] = {}
 _LOADS: dict[str, int] = {}  # how often this process loaded each backbone (tests check: once per worker)
@@ -72,24 +76,13 @@ def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: 
                 run_id: str | None = None, claim_ttl: float = 120.0, storage_options: dict | None = None,
                 progress: bool = True) -> tuple[ExtractSummary, list[dict]]:
     """Run ``tasks`` on ``scheduler`` (an existing cluster) or a new local cluster of ``workers`` processes."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        # One thread per worker process, and torch told to use its share of the cores, so N workers do not
-        # oversubscribe the machine N times over.
-        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-                               dashboard_address=None)
-        client = Client(cluster)
     run_id = run_id or new_run_id()
     store = FeatureStore.open(store_url, mode="r+", storage_options=storage_options)
     summary = ExtractSummary(store=store_url)
     results: list[dict] = []
-    try:
+    with dask_client(workers, scheduler) as client:
         with tqdm(total=sum(len(t.examples) for t in tasks), unit="ex", disable=not progress, dynamic_ncols=True,
                   desc=f"extract ({len(client.scheduler_info()['workers'])} workers)") as bar, \
                 store.claims(run_id, claim_ttl) as claims:
@@ -109,11 +102,33 @@ def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: 
                     bar.update(len(futures[future].examples))
                 # Parts another run holds: wait for it to commit them (counted there) or to die (redo them).
                 tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return summary, results
+
+
+@contextmanager
+def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Client]:
+    """A dask client of ``scheduler`` (an existing cluster's address, tcp://host:8786), or of a new local cluster
+    of ``workers`` processes that is shut down on exit.
+
+    The local cluster runs one thread per worker process and tells torch to use its share of the cores
+    (``OMP_NUM_THREADS`` = cores // workers), so N workers do not oversubscribe the machine N times over; no
+    dashboard. Its workers share this machine's devices: for one worker per GPU, start dask-cuda's cluster
+    (``LocalCUDACluster``, or ``dask cuda worker``) and pass its scheduler's address.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 for a local cluster, got {workers}; or give scheduler, the "
+                         f"address of a running one")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
 
 
 def _merge(total: ExtractSummary, part: dict[str, Any]) -> None:

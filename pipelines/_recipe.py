@@ -9,7 +9,12 @@
     [train.<run name>]           unipt.train.TrainConfig (method + its [train.<run>.model] options), and an
                                  optional ``sweep = {lr = [1e-4, 5e-4], "model.reduction" = [2, 4]}``: the
                                  section then stands for the cartesian product of runs, named like
-                                 ``<run name>@lr=0.0001,model.reduction=2`` (unipt.train.expand_sweep)
+                                 ``<run name>@lr=0.0001,model.reduction=2`` (unipt.train.expand_sweep);
+                                 with a ``search = {sampler = "tpe", trials = 32, ...}`` table
+                                 (unipt.train.SearchConfig) the sweep may also hold ranges
+                                 (``lr = {low = 1e-5, high = 1e-2, log = true}``), and the section is a
+                                 search: its runs (``<run name>@trial=07``) are drawn as it goes, within
+                                 the budget, so it makes none up front (``Recipe.searches``)
 
 A *retrieval* recipe has two towers instead of one source, each extracted into its own store, and a pair table
 that joins them (see :class:`RetrievalRecipe`)::
@@ -37,7 +42,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from unipt.extract import BackboneConfig, ExtractConfig, ImageSourceConfig, SourceConfig
-from unipt.train import MODEL_PREFIX, METHODS, LoaderConfig, TrainConfig, expand_sweep, get_method
+from unipt.train import (MODEL_PREFIX, METHODS, LoaderConfig, SearchConfig, SectionSearch, TrainConfig, expand_sweep,
+                         get_method, parse_space)
 from unipt.train.retrieval import TOWER_METHODS, retrieval_options
 
 from ._field_types import check_fields
@@ -76,8 +82,10 @@ class Recipe(_Outputs):
     """Every run by name, sweeps expanded."""
     description: str = ""
     sections: dict[str, list[str]] = field(default_factory=dict)
-    """Each [train.<section>]'s runs: [section] itself, or the runs its sweep expands into."""
+    """Each [train.<section>]'s runs: [section] itself, or the runs its sweep expands into (a search: none)."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the resolved document, saved with outputs
+    searches: dict[str, SectionSearch] = field(default_factory=dict)
+    """Each [train.<section>] with a ``search`` table: its base config, parsed space and SearchConfig."""
 
 
 @dataclass
@@ -192,7 +200,7 @@ def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -
     name = str(document.get("name", default_name))
     workdir = str(document.get("workdir", f"runs/{name}"))
     store = str(document.get("store") or f"{workdir}/features.zarr")
-    runs, sections = _train_sections(document.get("train", {}))
+    runs, sections, searches = _train_sections(document.get("train", {}))
     return Recipe(
         name=name,
         workdir=workdir,
@@ -205,18 +213,29 @@ def build_recipe(document: Mapping[str, Any], *, default_name: str = "recipe") -
         description=str(document.get("description", "")),
         sections=sections,
         raw={**document, "name": name, "workdir": workdir, "store": store},
+        searches=searches,
     )
 
 
 def _train_sections(train_section: Any, methods: Mapping[str, Any] = METHODS,
-                    retrieval: bool = False) -> tuple[dict[str, TrainConfig], dict[str, list[str]]]:
-    """Every [train.<section>]'s runs (sweeps expanded), and which runs each section makes."""
+                    retrieval: bool = False,
+                    ) -> tuple[dict[str, TrainConfig], dict[str, list[str]], dict[str, SectionSearch]]:
+    """Every [train.<section>]'s runs (sweeps expanded), which runs each section makes (a search: none, its
+    runs are drawn as it goes), and each search section's search (Recipe.searches). Retrieval recipes take
+    grid sweeps only."""
     if not isinstance(train_section, dict) or not train_section:
         raise ValueError("a recipe needs at least one [train.<run name>] section")
     runs: dict[str, TrainConfig] = {}
     sections: dict[str, list[str]] = {}
+    searches: dict[str, SectionSearch] = {}
     for section, values in train_section.items():
-        expanded = _train_section(section, values, methods)
+        if retrieval and isinstance(values, Mapping) and "search" in values:
+            raise ValueError(f"[train.{section}]: a retrieval recipe cannot search (search = {{...}}) yet, as its "
+                             f"two-tower trainer has no per-epoch hook to prune on; give the sweep lists of values "
+                             f"(a grid)")
+        expanded, search = _train_section(section, values, methods)
+        if search is not None:
+            searches[section] = search
         clash = sorted(set(expanded) & set(runs))
         if clash:
             raise ValueError(f"[train.{section}] makes run(s) {clash} that another [train.*] section already makes")
@@ -228,7 +247,7 @@ def _train_sections(train_section: Any, methods: Mapping[str, Any] = METHODS,
                     raise ValueError(f"[train.{section}] task: {exc}") from exc
         runs.update(expanded)
         sections[section] = list(expanded)
-    return runs, sections
+    return runs, sections, searches
 
 
 def _retrieval_recipe(document: dict[str, Any], default_name: str) -> RetrievalRecipe:
@@ -254,7 +273,7 @@ def _retrieval_recipe(document: dict[str, Any], default_name: str) -> RetrievalR
                               make_config(ExtractConfig, values.get("extract", {}), f"{where} extract"))
     if towers["query"].store == towers["document"].store:
         raise ValueError(f"the two towers write one store ({towers['query'].store}): give each its own `store`")
-    runs, sections = _train_sections(document.get("train", {}), TOWER_METHODS, retrieval=True)
+    runs, sections, _ = _train_sections(document.get("train", {}), TOWER_METHODS, retrieval=True)
     return RetrievalRecipe(
         name=name, workdir=workdir, towers=towers,
         pairs=make_config(PairsConfig, document.get("pairs", {}), "[pairs]"),
@@ -272,30 +291,49 @@ def _source_config(values: Any, where: str = "[source]") -> SourceConfig | Image
     return make_config(MODALITIES[modality], values, where)
 
 
-def _train_section(section: str, values: Any, methods: Mapping[str, Any] = METHODS) -> dict[str, TrainConfig]:
-    """One [train.<section>]: its run, or the runs its ``sweep`` table expands into."""
+def _train_section(section: str, values: Any,
+                   methods: Mapping[str, Any] = METHODS) -> tuple[dict[str, TrainConfig], SectionSearch | None]:
+    """One [train.<section>]: its run, or the runs its ``sweep`` table expands into; or, with a ``search`` table,
+    no runs and the search that will draw them."""
     where = f"[train.{section}]"
     if not isinstance(values, Mapping):
         raise ValueError(f"{where} must be a table of options, got {values!r}")
     values = dict(values)
-    _reject_unknown(values, {f.name for f in dataclasses.fields(TrainConfig)} | {"sweep"}, where)
+    _reject_unknown(values, {f.name for f in dataclasses.fields(TrainConfig)} | {"sweep", "search"}, where)
     sweep = values.pop("sweep", {})
+    search = values.pop("search", None)
     if not isinstance(sweep, Mapping):
         raise ValueError(f"{where}: sweep must be a table of lists (sweep = {{ lr = [1e-4, 5e-4] }}), got {sweep!r}")
+    ranges = {key: spec for key, spec in sweep.items() if isinstance(spec, Mapping)}
+    if ranges and search is None:
+        raise ValueError(f"{where} sweep: {sorted(ranges)} {'is a range' if len(ranges) == 1 else 'are ranges'}, "
+                         f"which only a search draws from: add search = {{ sampler = \"tpe\", trials = 32 }} to the "
+                         f"section, or give lists of values (a grid)")
     base = make_config(TrainConfig, values, where)
-    # Swept values are checked here, before expand_sweep builds configs from them: each against the field it
-    # sets, a model option against each method it may run with. Anything but a list is left to expand_sweep.
+    search_config = make_config(SearchConfig, search, f"{where} search") if search is not None else None
+    # Swept values are checked here, before expand_sweep or parse_space builds configs from them: each against the
+    # field it sets, a model option against each method it may run with; a range's ends as values of the field.
+    # Anything else is left to expand_sweep / parse_space.
     lists = {key: options for key, options in sweep.items() if isinstance(options, list)}
+    ends = [{key: spec[end] for key, spec in ranges.items() if end in spec} for end in ("low", "high")]
     check_fields(TrainConfig, lists, where, "sweep.", swept=True)
+    for values_at_end in ends:
+        check_fields(TrainConfig, values_at_end, where, "sweep.")
     swept_model = {key[len(MODEL_PREFIX):]: options for key, options in lists.items() if key.startswith(MODEL_PREFIX)}
+    model_ends = [{key[len(MODEL_PREFIX):]: v for key, v in values_at_end.items() if key.startswith(MODEL_PREFIX)}
+                  for values_at_end in ends]
     for method in lists.get("method", [base.method]):
         config_cls = get_method(method, methods).config_cls  # an unknown method is refused, listing the methods
         check_fields(config_cls, base.model, where, "model.")
         check_fields(config_cls, swept_model, where, "sweep.model.", swept=True)
+        for values_at_end in model_ends:
+            check_fields(config_cls, values_at_end, where, "sweep.model.")
     if "method" not in sweep:
         get_method(base.method, methods).make_config(base.model)  # validate the model options now
     try:
-        return expand_sweep(section, base, sweep, methods)
+        if search_config is not None:
+            return {}, SectionSearch(base, parse_space(sweep, base, methods), search_config)
+        return expand_sweep(section, base, sweep, methods), None
     except ValueError as exc:
         raise ValueError(f"{where} sweep: {exc}") from exc
 

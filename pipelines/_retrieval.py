@@ -76,8 +76,16 @@ def pair_index(recipe: RetrievalRecipe, query_store: FeatureStore, document_stor
 
 
 def train_retrieval_stage(recipe: RetrievalRecipe, runs: Sequence[str] = (), *, separate: bool = False,
-                          progress: bool = True, allow_incomplete: bool = False) -> list[RunResult]:
-    """Train ``runs`` (default: all) from the two stores; runs that can share batches train in one pass."""
+                          progress: bool = True, allow_incomplete: bool = False, restart: bool = False,
+                          stack: str | None = None, workers: int | None = None,
+                          scheduler: str | None = None) -> list[RunResult]:
+    """Train ``runs`` (default: all) from the two stores; runs that can share batches train in one pass.
+
+    Two-tower runs train in this process, from scratch every time (``restart`` is what they always do);
+    neither stacking nor dask workers apply to them yet."""
+    if workers or scheduler:
+        log.warning("recipe %s is a retrieval recipe: its two-tower runs train in this process (a dask cluster "
+                    "extracts its towers only)", recipe.name)
     selected = select_runs(recipe, runs)
     query_store, document_store = open_towers(recipe)
     index = pair_index(recipe, query_store, document_store)

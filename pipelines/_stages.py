@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ from typing import Mapping, Sequence
 
 from unipt.extract import BackboneConfig, ExtractSummary, backbone_hashes, resolve_path, run_extraction
 from unipt.store import FeatureStore, check_provenance
-from unipt.train import MetricsLog, RunResult, fit_many, pass_groups
+from unipt.train import MetricsLog, RunResult, TrainConfig, fit_many, pass_groups
 
 from ._recipe import Recipe, RetrievalRecipe, select_runs
 
@@ -27,31 +28,62 @@ def extract_stage(recipe: Recipe, *, progress: bool = True) -> ExtractSummary:
     return summary
 
 
-def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = False,
-                progress: bool = True, allow_incomplete: bool = False) -> list[RunResult]:
+def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = False, progress: bool = True,
+                allow_incomplete: bool = False, restart: bool = False, stack: str | None = None,
+                workers: int | None = None, scheduler: str | None = None) -> list[RunResult]:
     """Train ``runs`` (run or section names; default: all), results in recipe order.
 
     Runs that can share batches (unipt.train.PASS_FIELDS) train together from one pass over the store per
     epoch; ``separate`` gives every run its own passes instead (same results, for timing comparisons).
-    A store whose extraction has not finished is refused unless ``allow_incomplete``.
+    Finished runs are read back and unfinished ones resume from their last saved epoch; ``restart`` trains
+    them all from scratch. ``stack`` ("auto", "on", "off") overrides every run's ``stack``. ``workers`` (a local
+    dask cluster of that many processes) or ``scheduler`` (an existing cluster's address) train the pass
+    groups on dask workers, each streaming the store itself. A search section (``search = {...}``) runs its
+    trials after the other runs. A store whose extraction has not finished is refused unless
+    ``allow_incomplete``.
     """
     selected = select_runs(recipe, runs)
     store = FeatureStore.open(recipe.store)
     check_store_fits_recipe(recipe, store)
     metrics = MetricsLog(recipe.metrics_log)
-    configs = {name: recipe.train[name] for name in selected}
+    configs = {name: _stacking(recipe.train[name], stack) for name in selected if name in recipe.train}
     groups = [{name: config} for name, config in configs.items()] if separate else pass_groups(configs)
-    results = {}
-    for group in groups:
+    results: dict[str, RunResult] = {}
+    if groups and (workers or scheduler):
+        from ._distributed_train import train_on_dask
+
+        log.info("training %d runs in %d pass groups on dask (%s)", len(configs), len(groups),
+                 scheduler or f"{workers} local workers")
+        for result in train_on_dask(recipe, [list(group) for group in groups], workers=workers or 0,
+                                    scheduler=scheduler, progress=progress, allow_incomplete=allow_incomplete,
+                                    resume=not restart, stack=stack):
+            results[result.name] = result
+    for group in groups if not (workers or scheduler) else ():
         together = f" in one pass ({len(group)} runs)" if len(group) > 1 else ""
         log.info("training %s from %s%s", ", ".join(f"{name} ({c.method})" for name, c in group.items()),
                  recipe.store, together)
         for result in fit_many(group, store, recipe.checkpoints, loader_config=recipe.loader, log=metrics,
-                               progress=progress, allow_incomplete=allow_incomplete):
+                               progress=progress, allow_incomplete=allow_incomplete, resume=not restart):
             log.info("%s: best epoch %d, %s", result.name, result.best_epoch, _fmt_metrics(result.eval_metrics))
             results[result.name] = result
+    ordered = [results[name] for name in selected if name in results]
+    for section in _selected_searches(recipe, runs):
+        from ._tune import search_stage
+
+        ordered += search_stage(recipe, section, store, progress=progress, allow_incomplete=allow_incomplete,
+                                restart=restart, stack=stack)
     _save_resolved(recipe)
-    return [results[name] for name in selected]
+    return ordered
+
+
+def _stacking(config: TrainConfig, stack: str | None) -> TrainConfig:
+    return config if stack is None else dataclasses.replace(config, stack=stack)
+
+
+def _selected_searches(recipe: Recipe, names: Sequence[str]) -> list[str]:
+    """The search sections ``names`` picks (all when empty)."""
+    searches = getattr(recipe, "searches", {})
+    return [section for section in searches if not names or section in names]
 
 
 def check_store_fits_recipe(recipe: Recipe, store: FeatureStore) -> None:
@@ -89,18 +121,26 @@ def results_table(results: Sequence[RunResult], test_split: str = "test", *, ran
     rank_by = rank_by or (results[0].select_metric if results else "accuracy")
     shown = _reported_metrics(results)
     ranked = sorted(results, key=lambda r: _rank(r, rank_by))
-    header = ["#", "run", "method", "trainable params", "best epoch", f"eval {rank_by}",
-              *(f"{test_split} {_label(m)}" for m in shown), "train time (s)", "train examples/s"]
+    pruned = any(r.pruned_at is not None for r in results)
+    header = ["#", "run", "method", "trainable params", "best epoch", *(["status"] if pruned else []),
+              f"eval {rank_by}", *(f"{test_split} {_label(m)}" for m in shown), "train time (s)", "train examples/s"]
     rows = []
     for rank, r in enumerate(ranked, 1):
         test = r.test_metrics or {}
-        rows.append([str(rank), r.name, r.method, f"{r.trainable_params:,}", str(r.best_epoch),
-                     _fmt(r.eval_metrics.get(rank_by)), *(_fmt(test.get(m)) for m in shown),
-                     f"{r.train_seconds:.1f}", f"{r.train_examples_per_s:.0f}"])
+        status = [f"pruned after epoch {r.pruned_at}" if r.pruned_at is not None else "done"] if pruned else []
+        rows.append([str(rank), r.name + (" ⧉" if r.stacked else ""), r.method, f"{r.trainable_params:,}",
+                     str(r.best_epoch), *status, _fmt(r.eval_metrics.get(rank_by)),
+                     *(_fmt(test.get(m)) for m in shown), f"{r.train_seconds:.1f}", f"{r.train_examples_per_s:.0f}"])
     out = [_markdown(header, rows)]
     if any(r.runs_in_pass > 1 for r in results):
         out += ["", "Runs trained in one pass over the store share its time: their train time and examples/s are "
                     "the pass's."]
+    if any(r.stacked for r in results):
+        out += ["", "⧉ trained stacked with the other runs of its pass whose parameter shapes agree (one batched "
+                    "forward and backward per batch)."]
+    if pruned:
+        out += ["", "Pruned runs left the pass early (successive halving on the eval metric): they are ranked by "
+                    "their best eval score so far and have no test score."]
     groups = _seed_groups(results)
     if groups:
         header = ["#", "runs", "method", "seeds", f"eval {rank_by}", *(f"{test_split} {_label(m)}" for m in shown)]
@@ -180,6 +220,8 @@ def write_report(recipe: Recipe | RetrievalRecipe, results: Sequence[RunResult],
     workdir.mkdir(parents=True, exist_ok=True)
     table = results_table(results)
     lines = [f"# {recipe.name}", "", recipe.description, "", table, ""]
+    for section, plot in _sweep_plots(recipe, results, workdir).items():
+        lines += [f"Validation score against the swept values of [train.{section}]: ![{section}]({plot.name})", ""]
     extractions = extraction if isinstance(extraction, Mapping) else {} if extraction is None else {"": extraction}
     for tower, summary in extractions.items():
         lines += [f"Extraction{f' ({tower} tower)' if tower else ''}: {summary.describe()}", ""]
@@ -192,6 +234,22 @@ def write_report(recipe: Recipe | RetrievalRecipe, results: Sequence[RunResult],
         "runs": [{k: v for k, v in r.__dict__.items() if k != "history"} | {"history": r.history} for r in results],
     }, indent=2) + "\n")
     return workdir / "summary.md"
+
+
+def _sweep_plots(recipe, results: Sequence[RunResult], workdir: Path) -> dict[str, Path]:
+    """An SVG per sweep or search section with two or more runs among ``results``: <workdir>/sweep-<section>.svg."""
+    from ._sweep_plot import sweep_plot
+
+    by_name = {r.name: r for r in results}
+    plots = {}
+    for section in {**recipe.sections, **{s: [] for s in getattr(recipe, "searches", {})}}:
+        mine = [r for name, r in by_name.items() if name in recipe.sections.get(section, ())
+                or name.startswith(f"{section}@")]
+        if len(mine) >= 2:
+            plot = sweep_plot(mine, workdir / f"sweep-{section}.svg")
+            if plot is not None:
+                plots[section] = plot
+    return plots
 
 
 def _save_resolved(recipe: Recipe) -> None:

@@ -69,18 +69,27 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="override any recipe field by dotted path, e.g. train.unipt.lr=1e-3 extract.batch_size=64")
         p.add_argument("--full", action="store_true", help="use every source example (drop source.max_examples caps)")
-        p.add_argument("--workers", type=int, metavar="N", help="extract on a local dask cluster of N processes")
-        p.add_argument("--scheduler", metavar="ADDRESS", help="extract on an existing dask cluster (tcp://host:8786)")
+        what = {"extract": "extract", "train": "train the sweep's pass groups", "run": "extract and train"}[name]
+        p.add_argument("--workers", type=int, metavar="N", help=f"{what} on a local dask cluster of N processes")
+        p.add_argument("--scheduler", metavar="ADDRESS", help=f"{what} on an existing dask cluster (tcp://host:8786; "
+                                                              "dask-cuda's LocalCUDACluster: one worker per GPU)")
         p.set_defaults(handler=handler)
         return p
 
-    recipe_command("run", "extract (resuming a partial store) and train every run of a recipe", _cmd_run)
+    run = recipe_command("run", "extract (resuming a partial store) and train every run of a recipe", _cmd_run)
     recipe_command("extract", "run the frozen backbone once and write the feature store", _cmd_extract)
     train = recipe_command("train", "train the recipe's side networks from its feature store", _cmd_train)
     train.add_argument("--run", action="append", default=[], metavar="NAME",
                        help="train only this run, or every run of this sweep section (repeatable)")
     train.add_argument("--separate", action="store_true",
                        help="one pass over the store per run, instead of one per group of compatible runs (timing)")
+    for command in (train, run):
+        command.add_argument("--restart", action="store_true",
+                             help="train every run from scratch (default: finished runs are read back and unfinished "
+                                  "ones resume from their last saved epoch)")
+        command.add_argument("--stack", choices=("auto", "on", "off"),
+                             help="stack runs whose parameter shapes agree into one batched step: on, off, or auto = "
+                                  "where it measures faster (default: each run's `stack`, auto)")
     train.add_argument("--allow-incomplete", action="store_true",
                        help="train on the committed parts of a store whose extraction has not finished (default: "
                             "refuse, naming what is missing)")
@@ -166,6 +175,8 @@ def _recipe(args):
     for prefix in prefixes:
         if args.full:
             overrides.append(f"{prefix}source.max_examples={{}}")
+        if args.command == "train":
+            continue  # there --workers and --scheduler are the training cluster's
         if args.workers is not None:
             overrides.append(f"{prefix}extract.workers={args.workers}")
         if args.scheduler:
@@ -186,6 +197,12 @@ def _stages(recipe):
     return extract_stage, train_stage
 
 
+def _training_options(args) -> dict:
+    """The train stage's options from the command line (a cluster for `unipt run` is set in the recipe's
+    [extract] section too: both stages use it)."""
+    return {"restart": args.restart, "stack": args.stack, "workers": args.workers, "scheduler": args.scheduler}
+
+
 def _cmd_extract(args) -> int:
     recipe = _recipe(args)
     extract, _ = _stages(recipe)
@@ -199,7 +216,7 @@ def _cmd_train(args) -> int:
     recipe = _recipe(args)
     _, train = _stages(recipe)
     results = train(recipe, args.run, separate=args.separate, progress=not args.quiet,
-                    allow_incomplete=args.allow_incomplete)
+                    allow_incomplete=args.allow_incomplete, **_training_options(args))
     print(results_table(results))
     write_report(recipe, results, None)
     return 0
@@ -211,7 +228,7 @@ def _cmd_run(args) -> int:
     recipe = _recipe(args)
     extract, train = _stages(recipe)
     extraction = extract(recipe, progress=not args.quiet)
-    results = train(recipe, progress=not args.quiet)
+    results = train(recipe, progress=not args.quiet, **_training_options(args))
     print()
     print(f"{recipe.name}: {recipe.description}".rstrip(": "))
     print(results_table(results))

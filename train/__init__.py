@@ -6,6 +6,7 @@ from ._loader import ActivationLoader, Batch
 from ._methods import METHODS, get_method, resolve_layers
 from ._metrics import classification_metrics
 from ._pooling import ClassificationHead, TokenHead, masked_mean
+from ._search import SearchConfig, SectionSearch, SweepSearch, TrialRecord, apply_params, parse_space
 from ._sweep import MODEL_PREFIX, expand_sweep, sweep_keys
 from ._trainer import (PASS_FIELDS, MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint,
                        fit, fit_many, make_task, pass_groups, split_targets)
@@ -42,6 +43,12 @@ __all__ = [
     "expand_sweep",
     "MODEL_PREFIX",
     "sweep_keys",
+    "SearchConfig",
+    "SectionSearch",
+    "SweepSearch",
+    "TrialRecord",
+    "parse_space",
+    "apply_params",
     "evaluate",
     "evaluate_checkpoint",
     "RunResult",

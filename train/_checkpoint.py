@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from unipt.store import FeatureStore, check_provenance
 
+from ._files import is_url, join, read_bytes, write_atomic
 from ._methods import get_method
 from .tasks import HeadSpec, Task, task_from_record
 
@@ -66,13 +68,13 @@ def save_checkpoint(
     store: FeatureStore,
     task: Task | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> Path:
+) -> Path | str:
     """``task``: the run's task (default: classification over the store's labels), saved with its learned
     state (regression statistics, a tuned threshold) so evaluation and prediction use it as trained."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS))
+    # Weights first, config.json last: each file is written whole (temp + rename, or one PUT), and a config.json
+    # always describes weights that are already in place.
+    write_atomic(join(directory, WEIGHTS), save_safetensors(state))
     config = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -87,17 +89,24 @@ def save_checkpoint(
         "inference": inference_record(store),
         **(extra or {}),
     }
-    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
+    write_config(directory, config)
+    return directory if is_url(directory) else Path(directory)
+
+
+def write_config(directory: str | Path, config: Mapping[str, Any]) -> None:
+    """Replace a checkpoint's config.json (written whole: temp + rename, or one PUT)."""
+    write_atomic(join(directory, CONFIG), (json.dumps(config, indent=2) + "\n").encode())
 
 
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     """A checkpoint's ``config.json``, checked to be a unipt checkpoint of a version this code reads."""
-    config_path = Path(directory) / CONFIG
-    if not config_path.exists():
-        raise FileNotFoundError(f"{directory} is not a unipt checkpoint (no {CONFIG})")
+    config_path = join(directory, CONFIG)
     try:
-        config = json.loads(config_path.read_text())
+        text = read_bytes(config_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory} is not a unipt checkpoint (no {CONFIG})") from None
+    try:
+        config = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{config_path} is not JSON ({exc}): the checkpoint is damaged; restore it or train again") from exc
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or config.get("version") != CHECKPOINT_VERSION:
@@ -107,8 +116,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``config.json`` and load its safetensors weights."""
-    directory = Path(directory)
+    """Rebuild the model from ``config.json`` and load its safetensors weights (a folder or an fsspec URL)."""
     config = read_checkpoint_config(directory)
     if config.get("kind") == "two-tower":
         raise ValueError(f"{directory} is a two-tower retrieval checkpoint: load it with "
@@ -123,10 +131,15 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
 def load_weights(directory: str | Path, model: nn.Module, map_location: str | torch.device = "cpu") -> None:
     """Load a checkpoint's safetensors weights into ``model`` (built from its config.json), with errors that say
     whether the file is missing, damaged or holds other weights."""
-    directory = Path(directory)
-    weights = directory / WEIGHTS
+    weights = join(directory, WEIGHTS)
     try:
-        state = load_file(str(weights), device=str(map_location))
+        data = read_bytes(weights)
+    except FileNotFoundError:
+        data = None
+    try:
+        if data is None:
+            raise FileNotFoundError(weights)
+        state = {k: v.to(map_location) for k, v in load_safetensors(data).items()}
     except FileNotFoundError:
         raise FileNotFoundError(f"{directory} has {CONFIG} but no {WEIGHTS}: the checkpoint is incomplete; restore "
                                 "it or train again") from None
@@ -136,7 +149,7 @@ def load_weights(directory: str | Path, model: nn.Module, map_location: str | to
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # missing or misshapen tensors: the weights are not those config.json describes
-        raise ValueError(f"{weights} does not hold the weights {directory / CONFIG} describes ({exc}); restore the "
+        raise ValueError(f"{weights} does not hold the weights {join(directory, CONFIG)} describes ({exc}); restore the "
                          "checkpoint or train again") from exc
 
 

@@ -22,6 +22,10 @@ class Method:
     build: Callable[[Any, Sequence[int], Any], nn.Module]  # (config, layer widths, HeadSpec or classes) -> model
     layouts: tuple[str, ...] = ("tokens",)  # store layouts it reads: token rows and/or feature maps
     token_outputs: bool = True  # it has an output per token (UniPT's Y), so per-token tasks fit it
+    pad_options: tuple[str, ...] = ()
+    """Model options that change only widths a stacked step may zero-pad: runs that differ in them still stack
+    (``_stacked``). Empty: runs stack only where every parameter shape agrees. Opt in only for a model whose
+    every op on such a width keeps zero-padded units at 0, LayerNorm aside (see ``_stacked``)."""
 
     def check_task(self, task: Task, layout: str) -> None:
         """Refuse a task this method cannot serve, naming the methods that can."""
@@ -46,7 +50,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "unipt": Method("unipt", UniPTConfig, UniPTClassifier),
+    # UniPT stacks across r: m = E // r, zero-padded to the group's largest m, is exact. The ops that touch m
+    # are the Linears into it (zero rows, zero bias: padded units 0) and out of it (zero columns: they add 0),
+    # ReLU, the token means, the sums over m in A·X_lᵀ and in the gate's Linear(m -> 1), and Z_l's mixing over
+    # tokens and layers: all keep padded units at 0 and add nothing from them. LayerNorm(m) alone reads the whole
+    # width; _stacked normalises it over each run's own m. (LST's attention splits its width into heads: padded,
+    # the units would land in other heads, so it does not opt in.)
+    "unipt": Method("unipt", UniPTConfig, UniPTClassifier, pad_options=("reduction",)),
     "linear_probe": Method("linear_probe", LinearProbeConfig, LinearProbe, ("tokens", "maps")),
     "scalar_mix": Method("scalar_mix", ScalarMixConfig, ScalarMix, token_outputs=False),
     "lst": Method("lst", LSTConfig, LSTClassifier),

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,13 +31,20 @@ from tqdm.auto import tqdm
 
 from unipt.store import FeatureStore
 
-from ._checkpoint import check_store_matches, checkpoint_task, load_checkpoint, save_checkpoint
+from . import _resume
+from ._checkpoint import (check_store_matches, checkpoint_task, load_checkpoint, read_checkpoint_config,
+                          save_checkpoint, store_identity, write_config)
+from ._files import join
 from ._loader import ActivationLoader, Batch
 from ._methods import config_dict, get_method, resolve_layers
+from ._stacked import group_steppers
 from .config import LoaderConfig, TrainConfig
 from .tasks import ClassificationTask, Task, task_for
 
 logger = logging.getLogger(__name__)
+
+EpochHook = Callable[[str, int, "dict[str, float] | None"], bool]
+"""``on_epoch(run name, epoch, eval metrics) -> prune?`` (see :func:`fit_many`)."""
 
 PASS_FIELDS = ("batch_size", "train_split", "eval_split", "test_split", "shuffle_seed", "device")
 """What runs trained in one pass must share: the batches (their size, splits and order) and the device."""
@@ -64,6 +71,10 @@ class RunResult:
     """The task kind the run was trained for (its store's)."""
     select_metric: str = "accuracy"
     """The eval metric that picked its best epoch."""
+    pruned_at: int | None = None
+    """The epoch after which a search pruned the run (it left the pass; no test score); None: trained out."""
+    stacked: bool = False
+    """Whether it trained stacked with other runs of its pass (one batched step for all of them)."""
 
 
 def _absolute(url: str) -> str:
@@ -158,11 +169,14 @@ def fit_many(
     log: MetricsLog | None = None,
     progress: bool = True,
     allow_incomplete: bool = False,
+    on_epoch: EpochHook | None = None,
+    resume: bool = True,
 ) -> list[RunResult]:
     """Train every run of ``runs`` (name -> config) from one pass over ``store`` per epoch.
 
     Every run gets what :func:`fit` would give it alone: records tagged with its name in ``log``, its best
-    checkpoint in ``out_dir/<name>`` and the same numbers, bit for bit on CPU. (One caveat: the loader
+    checkpoint in ``out_dir/<name>`` and the same numbers, bit for bit on CPU for runs stepped in turn (runs of
+    equal shapes stacked into one batched step, ``TrainConfig.stack``: to float rounding; see ``_stacked``). (One caveat: the loader
     reads the union of the runs' layers, so with ``LoaderConfig(mode="auto")`` a union over the memory
     budget streams where one run alone would be held in memory, and its batches come in another order.)
     Runs must share :data:`PASS_FIELDS` (:func:`pass_groups` splits a sweep into such groups); a run whose
@@ -171,11 +185,33 @@ def fit_many(
 
     A store whose extraction has not finished for the runs' splits is refused (``allow_incomplete``: train
     on its committed parts, with a warning); see :meth:`unipt.store.FeatureStore.check_complete`.
+
+    ``on_epoch(name, epoch, metrics)`` is called after each run's epoch (1-based; ``metrics`` on the eval
+    split, None without one); returning True prunes the run: it leaves the pass, keeps its best checkpoint so
+    far, and is not scored on the test split (a search's early stopping).
+
+    ``resume`` (default): a run whose folder in ``out_dir`` (a local folder or an fsspec URL) holds a finished
+    run's record is not trained again (its result is read back); one holding an unfinished run's epoch state
+    goes on from its last saved epoch, ending exactly as an uninterrupted run (see ``_resume``). A record made
+    with another training config or store is refused. ``resume=False`` forgets saved state and trains every
+    run from scratch.
     """
     if not runs:
         raise ValueError("fit_many needs at least one run")
     _check_one_pass(runs)
     log = log or MetricsLog(None)
+    identity = store_identity(store)
+    finished: dict[str, RunResult] = {}
+    for name, config in runs.items():
+        folder = join(out_dir, name)
+        if not resume:
+            _resume.forget(folder)
+        elif (record := _resume.load_result(folder, name, config_dict(config), identity)) is not None:
+            finished[name] = RunResult(**record)
+            logger.info("%s: finished earlier, result read from %s", name, folder)
+    if len(finished) == len(runs):
+        return [finished[name] for name in runs]
+    all_runs, runs = runs, {name: config for name, config in runs.items() if name not in finished}
     loader_config = loader_config or LoaderConfig()
     first = next(iter(runs.values()))
     if first.train_split not in store.check_complete(
@@ -198,21 +234,32 @@ def fit_many(
     train_loader = ActivationLoader(store, first.train_split, layers, batch_size=first.batch_size, shuffle=True,
                                     seed=first.shuffle_seed, config=loader_config, pin_memory=pin, accelerator=pin)
     eval_loader = _optional_loader(store, first.eval_split, layers, first.batch_size, loader_config, pin)
-    trainers = [_Run(name, config, store, tasks[name], Path(out_dir), device, layers, len(train_loader))
+    trainers = [_Run(name, config, store, tasks[name], out_dir, device, layers, len(train_loader))
                 for name, config in runs.items()]
+    for run in trainers:
+        if resume and _resume.restore_state(run, identity):
+            logger.info("%s: resuming after epoch %d (step %d)", run.name, run.epochs_done, run.step)
+            log.write(run=run.name, resumed_after_epoch=run.epochs_done, step=run.step)
 
-    for epoch in range(max(config.epochs for config in runs.values())):
-        active = [run for run in trainers if not run.done]
-        if not active:
+    # Runs resumed from different epochs (a kill between two runs' saves) catch up: an epoch's pass steps the
+    # runs whose next epoch it is, so each run sees the batches of its own epoch.
+    waiting = [run.epochs_done for run in trainers if not run.done]
+    for epoch in range(min(waiting, default=0), max(config.epochs for config in runs.values())):
+        if all(run.done for run in trainers):
             break
-        who = active[0].name if len(trainers) == 1 else f"{len(active)} runs"
-        desc = f"{who} epoch {epoch + 1}/{max(run.config.epochs for run in active)}"
+        active = [run for run in trainers if not run.done and run.epochs_done == epoch]
+        if not active:
+            continue
+        desc = _pass_description(active, trainers, epoch)
         start, end = _train_pass(active, train_loader, epoch, device, desc, progress)
         scores = [None] * len(active)  # no eval split: each run keeps its last epoch
         if eval_loader is not None:
             scores = _score([(run.model, run.pick, run.task) for run in active], eval_loader, device, tune=True)
         for run, metrics in zip(active, scores):
             run.end_epoch(epoch, (run.stopped_at or end) - start, metrics, log)
+            if on_epoch is not None and on_epoch(run.name, epoch + 1, metrics) and not run.done:
+                run.prune(epoch + 1, log)  # (a run that has just finished is not pruned)
+            _resume.save_state(run, identity)
 
     test_metrics: list[dict[str, float] | None] = [None] * len(trainers)
     test_loader = _optional_loader(store, first.test_split, layers, first.batch_size, loader_config, pin)
@@ -222,20 +269,37 @@ def fit_many(
                 loader.release()
         for run in trainers:
             run.release_training_state()
+        scored = [run for run in trainers if run.pruned_at is None]
         best = []
-        for run in trainers:
+        for run in scored:
             model, saved = load_checkpoint(run.checkpoint, map_location=device)
             best.append((model.to(device), run.pick, checkpoint_task(saved)))  # the task as the best epoch left it
-        test_metrics = _score(best, test_loader, device, tune=False)
-        for run, metrics in zip(trainers, test_metrics):
+        by_run = dict(zip(scored, _score(best, test_loader, device, tune=False) if best else []))
+        for run, metrics in by_run.items():
             run.record_test(metrics, log)
-    return [run.result(test, len(trainers)) for run, test in zip(trainers, test_metrics)]
+        test_metrics = [by_run.get(run) for run in trainers]
+    for run, test in zip(trainers, test_metrics):
+        finished[run.name] = run.result(test, len(all_runs))  # the pass it belongs to, read-back runs included
+        _resume.save_result(run.checkpoint, finished[run.name], identity)
+    return [finished[name] for name in all_runs]
+
+
+def _pass_description(active: list[_Run], trainers: list[_Run], epoch: int) -> str:
+    """The pass's bar title: the run (alone), or how many runs are active, pruned and done."""
+    if len(trainers) == 1:
+        return f"{active[0].name} epoch {epoch + 1}/{active[0].config.epochs}"
+    pruned = sum(run.pruned_at is not None for run in trainers)
+    done = sum(run.done and run.pruned_at is None for run in trainers)
+    counts = f"{len(active)} active" + (f", {pruned} pruned" if pruned else "") + (f", {done} done" if done else "")
+    return f"{len(trainers)} runs ({counts}) epoch {epoch + 1}/{max(run.config.epochs for run in active)}"
 
 
 class _Run:
     """One side network in training: model, optimiser, schedule, random stream and best checkpoint so far."""
 
-    def __init__(self, name: str, config: TrainConfig, store: FeatureStore, task: Task, out_dir: Path,
+    stackable = True  # group_steppers may step it stacked with runs of the same shapes
+
+    def __init__(self, name: str, config: TrainConfig, store: FeatureStore, task: Task, out_dir: str | Path,
                  device: torch.device, loader_layers: list[int], steps_per_epoch: int):
         self.name, self.config, self.device, self.task = name, config, device, task
         self.select_metric = task.check_metric(config.select_metric)
@@ -251,14 +315,18 @@ class _Run:
         if config.max_steps:
             total_steps = min(total_steps, config.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, total_steps))
-        self.checkpoint = out_dir / name
+        self.checkpoint = join(out_dir, name)  # a local folder or a URL
         self.checkpoint_fields = {
             "method": config.method, "model_config": config_dict(model_config), "layers": layers,
             "layer_widths": [store.layer_widths[l] for l in layers], "store": store, "task": task}
         self.checkpoint_extra = {"run": name, "train": config_dict(config), "label_names": store.label_names,
                                  "store_url": _absolute(store.url)}
-        self.step, self.seen, self.train_seconds, self.done = 0, 0, 0.0, False
+        self.train_record = json.loads(json.dumps(config_dict(config)))  # as saved: JSON types
+        self.step, self.seen, self.train_seconds, self.done, self.epochs_done = 0, 0, 0.0, False, 0
         self.best_score, self.best_epoch, self.best_metrics = None, -1, {}
+        self.pruned_at: int | None = None
+        self.stacked = False  # set by the stepper that steps it with others
+        self.stack_state: dict = {}  # a stacked group's measured choice, kept across epochs (see _stacked)
         self.history: list[dict[str, Any]] = []
 
     def start_epoch(self) -> None:
@@ -275,6 +343,10 @@ class _Run:
                 outputs = self.model([batch.hidden_states[i] for i in self.pick], batch.mask)
             loss = self.task.loss(outputs.float(), batch.labels)
             descend(self, loss, len(batch))
+        self.record_step(loss, batch)
+
+    def record_step(self, loss: torch.Tensor, batch: Batch) -> None:
+        """Book a finished step: the epoch's loss sums, and whether ``max_steps`` is reached."""
         weight = self.task.loss_weight(batch.labels)
         self.loss_sum += loss.detach().double() * weight
         self.loss_weight += weight
@@ -301,8 +373,14 @@ class _Run:
             self.best_score, self.best_epoch, self.best_metrics = score, epoch + 1, metrics
             save_checkpoint(self.checkpoint, self.model, **self.checkpoint_fields,
                             extra={**self.checkpoint_extra, "epoch": epoch + 1, "eval": metrics})
+        self.epochs_done = epoch + 1
         if epoch + 1 >= self.config.epochs:
             self.done = True
+
+    def prune(self, epoch: int, log: MetricsLog) -> None:
+        """Leave the pass after ``epoch`` (a search stopped the run early)."""
+        self.done, self.pruned_at = True, epoch
+        log.write(run=self.name, epoch=epoch, pruned=True)
 
     def release_training_state(self) -> None:
         """Free the model and optimiser state once training is over (the best checkpoint is on disk)."""
@@ -311,19 +389,18 @@ class _Run:
     def record_test(self, metrics: dict[str, float], log: MetricsLog) -> None:
         log.write(run=self.name, epoch=self.best_epoch,
                   **{f"{self.config.test_split}_{k}": v for k, v in metrics.items()})
-        meta_path = self.checkpoint / "config.json"
-        meta = json.loads(meta_path.read_text())
+        meta = read_checkpoint_config(self.checkpoint)
         meta["test"] = metrics
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        write_config(self.checkpoint, meta)
 
     def result(self, test_metrics: dict[str, float] | None, runs_in_pass: int) -> RunResult:
         return RunResult(name=self.name, method=self.config.method, trainable_params=self.trainable_params,
                          best_epoch=self.best_epoch, eval_metrics=self.best_metrics, test_metrics=test_metrics,
                          train_seconds=self.train_seconds,
                          train_examples_per_s=self.seen / max(self.train_seconds, 1e-9),
-                         checkpoint=str(self.checkpoint), history=self.history,
+                         checkpoint=_absolute(self.checkpoint), history=self.history,
                          config=config_dict(self.config), runs_in_pass=runs_in_pass, task=self.task.kind,
-                         select_metric=self.select_metric)
+                         select_metric=self.select_metric, pruned_at=self.pruned_at, stacked=self.stacked)
 
 
 def descend(run, loss: torch.Tensor, examples: int) -> None:
@@ -331,6 +408,11 @@ def descend(run, loss: torch.Tensor, examples: int) -> None:
     counters) on ``loss``: backward, gradient clipping, AdamW, schedule; called inside the run's random stream."""
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    step_optimizer(run, examples)
+
+
+def step_optimizer(run, examples: int) -> None:
+    """The rest of :func:`descend` once ``run``'s gradients are in place: clipping, AdamW, schedule, counters."""
     if run.config.grad_clip:
         nn.utils.clip_grad_norm_(run.params, run.config.grad_clip)
     run.optimizer.step()
@@ -348,13 +430,13 @@ def _train_pass(runs: list[_Run], loader: ActivationLoader, epoch: int, device: 
     for run in runs:
         run.start_epoch()
     start = shown = time.perf_counter()
-    stepping, seen = runs, 0
+    stepping, seen = group_steppers(runs), 0  # a run alone, or runs stacked into one batched step
     bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in bar:
         batch = batch.to(device)  # moved once, whatever the number of runs
-        for run in stepping:
-            run.train_step(batch)
-        stepping = [run for run in stepping if run.stepping]
+        for stepper in stepping:
+            stepper.train_step(batch)
+        stepping = [stepper for stepper in stepping if stepper.stepping]
         seen += len(batch)
         if progress and time.perf_counter() - shown > 0.5:  # reading the loss waits for the device: not every step
             shown = time.perf_counter()

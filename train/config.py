@@ -7,6 +7,7 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
 LOADER_MODES = ("auto", "memory", "stream")
+STACK_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class TrainConfig:
     """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
     max_steps: int = 0
     """Stop after this many optimiser steps in total (0 = no limit); for smoke runs."""
+    stack: str = "auto"
+    """Train this run stacked with the other runs of its pass whose parameter shapes agree (one batched forward
+    and backward for all of them, each keeping its own optimiser, schedule and random stream): "on", "off", or
+    "auto" = stack where the first batches of the pass measure it faster than stepping the runs in turn."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -64,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.stack not in STACK_MODES:
+            raise ValueError(f"stack must be one of {STACK_MODES}, got {self.stack!r}")
         if not isinstance(self.select_metric, str):
             raise ValueError(f"select_metric must be a metric's name, got {self.select_metric!r}")
 

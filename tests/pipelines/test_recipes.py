@@ -315,11 +315,16 @@ def test_train_stage_trains_compatible_runs_in_one_pass_and_ranks_them(tmp_path,
     write_report(recipe, results, None)
     summary = json.loads((tmp_path / "work" / "summary.json").read_text())
     assert summary["runs"][0]["config"]["data_seed"] == 0 and summary["runs"][0]["runs_in_pass"] == 6
+    # the sweep's plot (the probe is a section of one run: no plot), linked from summary.md
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.svg")) == ["sweep-unipt.svg"]
+    assert "![unipt](sweep-unipt.svg)" in (tmp_path / "work" / "summary.md").read_text()
+    assert "<svg" in (tmp_path / "work" / "sweep-unipt.svg").read_text()
 
     # --separate: one pass per run, the same numbers; a section name picks its runs
     passes.clear()
     separate = train_stage(replace(recipe, workdir=str(tmp_path / "separate")), ["unipt"], separate=True,
                            progress=False)
     assert [len(p) for p in passes] == [1] * 6 and [r.name for r in separate] == list(recipe.train)[:6]
-    for a, b in zip(results, separate):
-        assert a.test_metrics == b.test_metrics and a.eval_metrics == b.eval_metrics and b.runs_in_pass == 1
+    for a, b in zip(results, separate):  # (stacked runs, stack = "auto": equal to float rounding)
+        assert a.test_metrics == pytest.approx(b.test_metrics, abs=1e-6) and b.runs_in_pass == 1
+        assert a.eval_metrics == pytest.approx(b.eval_metrics, abs=1e-6)

@@ -146,8 +146,9 @@ def test_a_mixed_sweep_in_one_pass_equals_each_run_trained_alone(loader, store, 
 
 def test_each_run_keeps_its_own_random_stream(store, tmp_path, monkeypatch):
     """Without per-run random states, dropout draws would interleave: the test above would catch it."""
+    # stepped in turn (stack "off"): this is about random streams, bit for bit (stacked runs: test_stacked.py)
     runs = {f"unipt-{seed}": TrainConfig(model={"dropout": 0.5}, epochs=1, batch_size=8, seed=seed, data_seed=0,
-                                         device="cpu") for seed in (0, 1)}
+                                         device="cpu", stack="off") for seed in (0, 1)}
     alone = fit("unipt-1", store, runs["unipt-1"], tmp_path / "alone", loader_config=MEMORY, progress=False)
     together = fit_many(runs, store, tmp_path / "together", loader_config=MEMORY, progress=False)[1]
     assert_same_run(together, alone)
