@@ -54,11 +54,11 @@ def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = Fa
 
         log.info("training %d runs in %d pass groups on dask (%s)", len(configs), len(groups),
                  scheduler or f"{workers} local workers")
-        for result in train_on_dask(recipe, [list(group) for group in groups], workers=workers or 0,
-                                    scheduler=scheduler, progress=progress, allow_incomplete=allow_incomplete,
-                                    resume=not restart, stack=stack):
-            results[result.name] = result
-    for group in groups if not (workers or scheduler) else ():
+        results = {r.name: r for r in train_on_dask(recipe, [list(group) for group in groups], workers=workers or 0,
+                                                    scheduler=scheduler, progress=progress, resume=not restart,
+                                                    allow_incomplete=allow_incomplete, stack=stack)}
+        groups = []  # trained there
+    for group in groups:
         together = f" in one pass ({len(group)} runs)" if len(group) > 1 else ""
         log.info("training %s from %s%s", ", ".join(f"{name} ({c.method})" for name, c in group.items()),
                  recipe.store, together)
@@ -240,11 +240,9 @@ def _sweep_plots(recipe, results: Sequence[RunResult], workdir: Path) -> dict[st
     """An SVG per sweep or search section with two or more runs among ``results``: <workdir>/sweep-<section>.svg."""
     from ._sweep_plot import sweep_plot
 
-    by_name = {r.name: r for r in results}
     plots = {}
-    for section in {**recipe.sections, **{s: [] for s in getattr(recipe, "searches", {})}}:
-        mine = [r for name, r in by_name.items() if name in recipe.sections.get(section, ())
-                or name.startswith(f"{section}@")]
+    for section, names in recipe.sections.items():  # a search section lists no runs: its trials are <section>@...
+        mine = [r for r in results if r.name in names or r.name.startswith(f"{section}@")]
         if len(mine) >= 2:
             plot = sweep_plot(mine, workdir / f"sweep-{section}.svg")
             if plot is not None:

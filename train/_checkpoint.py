@@ -135,14 +135,10 @@ def load_weights(directory: str | Path, model: nn.Module, map_location: str | to
     try:
         data = read_bytes(weights)
     except FileNotFoundError:
-        data = None
-    try:
-        if data is None:
-            raise FileNotFoundError(weights)
-        state = {k: v.to(map_location) for k, v in load_safetensors(data).items()}
-    except FileNotFoundError:
         raise FileNotFoundError(f"{directory} has {CONFIG} but no {WEIGHTS}: the checkpoint is incomplete; restore "
                                 "it or train again") from None
+    try:
+        state = {k: v.to(map_location) for k, v in load_safetensors(data).items()}
     except Exception as exc:  # safetensors reports a damaged header or a truncated file with its own error types
         raise ValueError(f"{weights} cannot be read as safetensors ({type(exc).__name__}: {exc}): the checkpoint is "
                          "damaged; restore it or train again") from exc
