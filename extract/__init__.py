@@ -1,5 +1,6 @@
 """unipt.extract — run a frozen backbone once and write its per-layer activations to a feature store."""
 
+from ._augment import Augmentation, augment_seed, dropout_seed
 from ._backbone import PreparedPart, TextEncoder, TextInputs, backbone_hashes, resolve_model_dir
 from ._image_sources import (BadImage, ImageExample, ImagePreprocessor, ImageSourceConfig, decode_image,
                              load_image_source)
@@ -54,4 +55,7 @@ __all__ = [
     "resolve_extract_layers",
     "BackgroundWriter",
     "ExtractSummary",
+    "Augmentation",
+    "augment_seed",
+    "dropout_seed",
 ]

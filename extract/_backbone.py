@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +74,13 @@ class PreparedPart:
     skipped: list[Skipped] = field(default_factory=list)  # examples found bad while preparing (broken images)
     seconds: float = 0.0
     token_targets: list[list[int]] | None = None  # tagging: per example, one target per token (align_tags)
+    view_features: list[list] = field(default_factory=list)  # views 1 .. K-1 where their inputs differ from
+    #                                                          view 0's (augmented images); [] = text: every
+    #                                                          view reads `features` (dropout alone differs)
+
+    def features_of(self, view: int) -> list:
+        """The inputs of ``view`` (0 = eval mode, unaugmented), one per example."""
+        return self.features if view == 0 or not self.view_features else self.view_features[view - 1]
 
 
 def pick_device(device: str) -> torch.device:
@@ -81,6 +88,45 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+# Layers whose train mode would update (and use) running statistics: they stay in eval mode in a stochastic
+# view, which must not change the backbone (a BatchNorm in train mode normalises with the batch's statistics
+# and overwrites its running ones).
+_RUNNING_STATS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
+
+
+@contextmanager
+def stochastic_forward(model: torch.nn.Module, device: torch.device, seed: int | None) -> Iterator[None]:
+    """The backbone as in training for one forward pass, its random draws seeded with ``seed``; None = as it
+    is (eval mode, deterministic).
+
+    Train mode goes on for every module but normalisation layers with running statistics: transformers gates
+    attention dropout on the *attention* module's ``training`` flag (``dropout=0.0 if not self.training``), not
+    on an ``nn.Dropout``'s, so switching only the Dropout modules would leave attention dropout off (ViT has no
+    attention Dropout module at all). Stochastic depth (DINOv2's drop path) comes on with it, as in training.
+    sdpa attention (the default) applies its dropout inside the fused kernel, drawing from torch's default
+    generator of the device: seeded here like every ``nn.Dropout``, it gives the same masks for the same seed
+    (tested on CPU; the CUDA kernels draw from the CUDA generator's seed and offset, seeded the same way).
+    ``fork_rng`` restores the random state afterwards, so nothing else's stream changes.
+    """
+    if seed is None:
+        yield
+        return
+    frozen = [m for m in model.modules() if isinstance(m, _RUNNING_STATS)]
+    cuda = [device] if device.type == "cuda" else []
+    model.train()
+    for module in frozen:
+        module.eval()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        model.eval()
 
 
 def autocast_context(device: torch.device, autocast: str):
@@ -133,11 +179,12 @@ class TextEncoder:
         self.row_shapes = [(w,) for w in self.widths]
         self.stages = list(range(self.num_hidden_states))
 
-    def prepare(self, examples: Sequence[Any]) -> PreparedPart:
+    def prepare(self, examples: Sequence[Any], views: int = 1) -> PreparedPart:
         """Tokenise a part's examples and find those cut to max_length.
 
         An example is one text (``.text``), a pair (``.pair`` set: encoded together through the tokenizer's
-        pair API) or a list of words (``.words`` set, tagging: its tags, ``.label``, are aligned to tokens)."""
+        pair API) or a list of words (``.words`` set, tagging: its tags, ``.label``, are aligned to tokens).
+        ``views``: every view of a text reads the same tokens (views differ by dropout alone)."""
         t0 = time.perf_counter()
         inputs = TextInputs.of(examples)
         features = self.tokenize(inputs.texts, inputs.pairs, inputs.words)
@@ -189,12 +236,15 @@ class TextEncoder:
         return [i for i, ids in zip(full, lengths) if len(ids) > self.max_length]
 
     @torch.no_grad()
-    def hidden_states(self, features: list[dict[str, list[int]]]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Pad a batch, run the frozen model, return (hidden states (B, N, D) each, mask (B, N) bool)."""
+    def hidden_states(self, features: list[dict[str, list[int]]], dropout_seed: int | None = None,
+                      ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Pad a batch, run the frozen model, return (hidden states (B, N, D) each, mask (B, N) bool).
+        ``dropout_seed``: run with train-mode dropout seeded so (a stochastic view); None = eval mode."""
         features = [{k: v for k, v in f.items() if k != "word_ids"} for f in features]
         batch = self.tokenizer.pad(features, return_tensors="pt")
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with autocast_context(self.device, self.config.autocast):
+        with autocast_context(self.device, self.config.autocast), \
+                stochastic_forward(self.model, self.device, dropout_seed):
             out = self.model(**batch, output_hidden_states=True, return_dict=True)
         return out.hidden_states, batch["attention_mask"].bool()
 

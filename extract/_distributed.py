@@ -83,7 +83,9 @@ def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: 
     summary = ExtractSummary(store=store_url)
     results: list[dict] = []
     with dask_client(workers, scheduler) as client:
-        with tqdm(total=sum(len(t.examples) for t in tasks), unit="ex", disable=not progress, dynamic_ncols=True,
+        # Forward passes, as in a sequential run: a part of a split with K stochastic views counts K times.
+        with tqdm(total=sum(len(t.examples) * store.views(t.split) for t in tasks), unit="ex", disable=not progress,
+                  dynamic_ncols=True,
                   desc=f"extract ({len(client.scheduler_info()['workers'])} workers)") as bar, \
                 store.claims(run_id, claim_ttl) as claims:
             while tasks:
@@ -99,7 +101,7 @@ def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: 
                         continue
                     results.append(result)
                     _merge(summary, result)
-                    bar.update(len(futures[future].examples))
+                    bar.update(len(futures[future].examples) * store.views(futures[future].split))
                 # Parts another run holds: wait for it to commit them (counted there) or to die (redo them).
                 tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
     return summary, results

@@ -587,10 +587,20 @@ class PreparedBatch:
     inputs: dict[str, Any]  # the processor's output for them, e.g. pixel_values (B, C, H, W) torch tensor
     skipped: list[Skipped]  # images that did not decode (bad_input = "skip"), reason "broken image"
     seconds: float  # thread time spent decoding and processing (all chunks together)
+    view_inputs: list[dict[str, Any]] = field(default_factory=list)  # views 1 .. K-1: the processor's output for
+    #                                                                  the augmented images (stochastic views)
 
 
-def prepare_images(processor: Callable, examples: Sequence[ImageExample], bad_input: str = "error") -> PreparedBatch:
-    """Decode ``examples`` and run ``processor`` on the images that decode; one thread's share of a batch."""
+def prepare_images(processor: Callable, examples: Sequence[ImageExample], bad_input: str = "error", *,
+                   views: int = 1, augment: Callable[[Image.Image, str, int], Image.Image] | None = None,
+                   ) -> PreparedBatch:
+    """Decode ``examples`` and run ``processor`` on the images that decode; one thread's share of a batch.
+
+    ``views`` > 1: also run ``processor`` on ``augment(image, example id, view)`` for views 1 .. views-1 (the
+    augmentation goes before the processor, as a training pipeline's does; it is seeded per example and
+    view, so which thread or batch prepares an image does not matter)."""
+    if views > 1 and augment is None:
+        raise ValueError(f"{views} views of images need an augmentation for views >= 1; none was given")
     t0 = time.perf_counter()
     kept, images, skipped = [], [], []
     for ex in examples:
@@ -605,7 +615,9 @@ def prepare_images(processor: Callable, examples: Sequence[ImageExample], bad_in
             continue
         kept.append(ex)
     inputs = _run_processor(processor, images) if images else {}
-    return PreparedBatch(kept, inputs, skipped, time.perf_counter() - t0)
+    view_inputs = [_run_processor(processor, [augment(image, ex.id, view) for image, ex in zip(images, kept)])
+                   if images else {} for view in range(1, views)]
+    return PreparedBatch(kept, inputs, skipped, time.perf_counter() - t0, view_inputs)
 
 
 class ImagePreprocessor:
@@ -616,14 +628,16 @@ class ImagePreprocessor:
     row per image. Each batch is cut into ``workers`` chunks processed in parallel (PIL decoding and resizing
     release the GIL); :meth:`map` keeps ``prefetch`` batches in flight so they overlap the caller's work.
     ``workers = 0`` runs everything on the calling thread. Not picklable: build one per worker process.
+    ``augment``: the augmentation of stochastic views >= 1 (``map(..., views=K)``), see ``_augment``.
     """
 
-    def __init__(self, processor: Callable, *, workers: int = 2, bad_input: str = "error"):
+    def __init__(self, processor: Callable, *, workers: int = 2, bad_input: str = "error",
+                 augment: Callable[[Image.Image, str, int], Image.Image] | None = None):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         if bad_input not in BAD_INPUT_POLICIES:
             raise ValueError(f"bad_input must be one of {BAD_INPUT_POLICIES}, got {bad_input!r}")
-        self.processor, self.workers, self.bad_input = processor, workers, bad_input
+        self.processor, self.workers, self.bad_input, self.augment = processor, workers, bad_input, augment
         self._pool = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="unipt-images")
                       if workers else None)
 
@@ -652,12 +666,14 @@ class ImagePreprocessor:
     def __call__(self, examples: Sequence[ImageExample]) -> PreparedBatch:
         return next(self.map([examples], prefetch=0))
 
-    def map(self, batches: Iterable[Sequence[ImageExample]], prefetch: int = 2) -> Iterator[PreparedBatch]:
-        """Prepared batches in input order; up to ``prefetch`` later batches are prepared meanwhile."""
+    def map(self, batches: Iterable[Sequence[ImageExample]], prefetch: int = 2, views: int = 1,
+            ) -> Iterator[PreparedBatch]:
+        """Prepared batches in input order; up to ``prefetch`` later batches are prepared meanwhile.
+        ``views`` > 1: each also carries the augmented views 1 .. views-1 (``PreparedBatch.view_inputs``)."""
         pending: deque[list[concurrent.futures.Future]] = deque()
         try:
             for batch in batches:
-                pending.append(self._submit(list(batch)))
+                pending.append(self._submit(list(batch), views))
                 if len(pending) > prefetch:
                     yield _merge([f.result() for f in pending.popleft()])
             while pending:
@@ -677,16 +693,17 @@ class ImagePreprocessor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _submit(self, batch: list[ImageExample]) -> list[concurrent.futures.Future]:
+    def _submit(self, batch: list[ImageExample], views: int = 1) -> list[concurrent.futures.Future]:
+        options = dict(views=views, augment=self.augment)
         if self._pool is None:
             future: concurrent.futures.Future = concurrent.futures.Future()
             try:
-                future.set_result(prepare_images(self.processor, batch, self.bad_input))
+                future.set_result(prepare_images(self.processor, batch, self.bad_input, **options))
             except Exception as exc:
                 future.set_exception(exc)
             return [future]
         size = max(1, math.ceil(len(batch) / self.workers))
-        return [self._pool.submit(prepare_images, self.processor, batch[i : i + size], self.bad_input)
+        return [self._pool.submit(prepare_images, self.processor, batch[i : i + size], self.bad_input, **options)
                 for i in range(0, max(len(batch), 1), size)]
 
 
@@ -721,12 +738,18 @@ def _merge(chunks: list[PreparedBatch]) -> PreparedBatch:
     import torch
 
     filled = [c for c in chunks if c.examples]
-    inputs: dict[str, Any] = {}
-    for key in filled[0].inputs if filled else ():
-        values = [c.inputs[key] for c in filled]
-        if isinstance(values[0], torch.Tensor):
-            inputs[key] = values[0] if len(values) == 1 else torch.cat(values)
-        else:
-            inputs[key] = [v for value in values for v in value]
-    return PreparedBatch([ex for c in chunks for ex in c.examples], inputs, [s for c in chunks for s in c.skipped],
-                         sum(c.seconds for c in chunks))
+
+    def joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        inputs: dict[str, Any] = {}
+        for key in parts[0] if parts else ():
+            values = [p[key] for p in parts]
+            if isinstance(values[0], torch.Tensor):
+                inputs[key] = values[0] if len(values) == 1 else torch.cat(values)
+            else:
+                inputs[key] = [v for value in values for v in value]
+        return inputs
+
+    n_views = len(chunks[0].view_inputs) if chunks else 0
+    return PreparedBatch([ex for c in chunks for ex in c.examples], joined([c.inputs for c in filled]),
+                         [s for c in chunks for s in c.skipped], sum(c.seconds for c in chunks),
+                         [joined([c.view_inputs[v] for c in filled]) for v in range(n_views)])

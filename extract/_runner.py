@@ -10,6 +10,11 @@ Three stages overlap: the next part is prepared (texts tokenised; images decoded
 processor's threads) on a helper thread while this part's batches go through the backbone, and a background
 writer casts, compresses and writes the previous batch. Text and vision encoders offer the same four things
 (prepare, hidden_states, layout and widths, provenance), so one loop serves both.
+
+Stochastic views (``extract.views = K``): each batch of a part of a view split goes through the backbone K
+times, view 0 in eval mode exactly as without views, views 1 .. K-1 with train-mode dropout seeded from the
+view and the batch's example ids (images: also from augmented inputs, seeded per example; ``_augment``).
+All K views are written into the same part, which commits only once every view is written.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from unipt.store import FeatureStore, part_key
 from unipt.store._claims import Claims, new_run_id
 from unipt.store._format import SKIPPED
 
+from ._augment import Augmentation, dropout_seed
 from ._backbone import PreparedPart, TextEncoder
 from ._image_sources import ImageSourceConfig, load_image_source
 from ._sources import Example, SourceData, hash_unit, load_source
@@ -62,6 +68,8 @@ class ExtractSummary:
     forward_seconds: float = 0.0
     write_seconds: float = 0.0  # busy time of the background writer (overlaps the forward pass)
     write_wait_seconds: float = 0.0  # time the forward pass waited for a full writer queue
+    view_examples: dict[str, int] = field(default_factory=dict)  # per split: examples x views (forward passes)
+    view_bytes: dict[int, int] = field(default_factory=dict)  # per view: stored bytes of its layer arrays
 
     @property
     def examples_per_s(self) -> float:
@@ -86,6 +94,12 @@ class ExtractSummary:
         if self.truncated:
             text += (f"; {sum(self.truncated.values())} examples cut to max_length "
                      f"({', '.join(f'{s} {c}' for s, c in sorted(self.truncated.items()))})")
+        if len(self.view_bytes) > 1:
+            per_split = ", ".join(f"{s} {self.view_examples[s] // max(self.examples.get(s, 1), 1)}"
+                                  for s in sorted(self.view_examples) if self.view_examples[s] != self.examples.get(s))
+            per_view = ", ".join(f"view {v} {self.view_bytes[v] / 2**20:.2f} MiB" for v in sorted(self.view_bytes))
+            text += (f"; stochastic views per example: {per_split} ({sum(self.view_examples.values())} forward "
+                     f"passes); layer bytes written per view: {per_view}")
         return text
 
 
@@ -109,10 +123,36 @@ def load_examples(source: AnySourceConfig) -> SourceData:
 def encoder_options(source: AnySourceConfig, config: ExtractConfig) -> dict | None:
     """None for a text source; for an image source, the VisionEncoder options (plain data: dask ships them)."""
     if isinstance(source, ImageSourceConfig):
-        return {"bad_input": source.bad_input, "max_grid": config.max_grid}
+        options = {"bad_input": source.bad_input, "max_grid": config.max_grid}
+        return {**options, "augment": augmentation_options(config)} if config.views > 1 else options
     if config.max_grid is not None:
         raise ValueError("extract.max_grid pools CNN feature maps; a text source has none: leave it unset")
     return None
+
+
+def augmentation_options(config: ExtractConfig) -> dict[str, Any]:
+    """The Augmentation settings of image views >= 1, as plain data (dask ships them to workers)."""
+    return {"scale": list(config.augment_scale), "ratio": list(config.augment_ratio), "flip": config.augment_flip}
+
+
+def views_record(source: AnySourceConfig, config: ExtractConfig, splits: Sequence[str]) -> dict[str, Any] | None:
+    """The store's views record {"count", "splits"} (None: a plain eval-mode store); ``splits``: the source's."""
+    if config.views == 1:
+        return None
+    unknown = sorted(set(config.views_splits) - set(splits))
+    if unknown:
+        raise ValueError(f"extract.views_splits names {unknown}; the source has splits {sorted(splits)}")
+    return {"count": config.views, "splits": sorted(config.views_splits)}
+
+
+def views_provenance(source: AnySourceConfig, config: ExtractConfig) -> dict[str, Any]:
+    """How views >= 1 were made, for the store's provenance (extraction.views)."""
+    image = isinstance(source, ImageSourceConfig)
+    return {"count": config.views, "splits": sorted(config.views_splits),
+            "dropout": "train mode except normalisation layers with running statistics; seed "
+                       "sha256(dropout, view, the batch's example ids)",
+            "batch_size": config.batch_size,  # the dropout seeds follow the batches
+            "augmentation": Augmentation(**augmentation_options(config)).describe() if image else None}
 
 
 def build_encoder(backbone: BackboneConfig, vision: dict | None) -> Encoder:
@@ -202,7 +242,9 @@ def extraction_provenance(source: AnySourceConfig, data: SourceData, encoder: En
         "backbone": encoder.provenance(),
         "source": {"location": source.path, "fingerprint": data.fingerprint, **settings},
         "extraction": {"layers": layers, "dtype": config.dtype, "part_size": config.part_size,
-                       "part_order": PART_ORDER, "mode": "eval"},
+                       "part_order": PART_ORDER, "mode": "eval",
+                       # K = 1: no key at all, so a store without views has the provenance it always had
+                       **({"views": views_provenance(source, config)} if config.views > 1 else {})},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
                      "numcodecs": numcodecs.__version__},
@@ -231,6 +273,7 @@ def run_extraction(
     unknown = sorted(set(config.splits or ()) - set(data.splits))
     if unknown:
         raise ValueError(f"extract.splits names {unknown}; the source has splits {sorted(data.splits)}")
+    views = views_record(source, config, list(data.splits))
     own_encoder = encoder is None
     encoder = encoder or make_encoder(source, backbone, config)
     with contextlib.ExitStack() as cleanup:
@@ -247,6 +290,7 @@ def run_extraction(
             plan={split: {"examples": len(examples), "parts": math.ceil(len(examples) / config.part_size)}
                   for split, examples in data.splits.items()},
             task=getattr(source, "task", "classification"),
+            views=views,
         )
         run_id = new_run_id()
         summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})),
@@ -276,14 +320,16 @@ def run_extraction(
             distributed.skipped, distributed.read_seconds = summary.skipped, read_seconds
             distributed.seconds = time.perf_counter() - started
             return distributed
-        total = sum(len(t.examples) for t in tasks)
-        with tqdm(total=total, desc="extract", unit="ex", disable=not progress, dynamic_ncols=True) as bar, \
+        total = sum(len(t.examples) * store.views(t.split) for t in tasks)  # forward passes: each view is one
+        desc = "extract" if views is None else f"extract ({config.views} views of {', '.join(views['splits'])})"
+        with tqdm(total=total, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar, \
                 store.claims(run_id, config.claim_ttl) as claims:
             writer = BackgroundWriter(config.writer_queue)
             try:
                 while tasks:
                     deferred = []
-                    for task, prepared in prefetch(tasks, lambda task: encoder.prepare(task.examples)):
+                    for task, prepared in prefetch(tasks, lambda task: encoder.prepare(
+                            task.examples, views=store.views(task.split))):
                         if not extract_claimed_part(encoder, store, claims, task, config.batch_size, writer, summary,
                                                     bar, prepared=prepared):
                             deferred.append(task)
@@ -308,7 +354,7 @@ def extract_claimed_part(encoder: Encoder, store: FeatureStore, claims: Claims, 
         claims.release(task.split, task.name)
         summary.parts_by_others += 1
         if bar is not None:
-            bar.update(len(task.examples))
+            bar.update(len(task.examples) * store.views(task.split))
         return True
     extract_part(encoder, store, task, batch_size, writer, summary, bar, prepared=prepared,
                  before_commit=lambda: claims.check(task.split, task.name))
@@ -331,7 +377,7 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
             if store.is_committed(task.split, task.name):
                 summary.parts_by_others += 1
                 if bar is not None:
-                    bar.update(len(task.examples))
+                    bar.update(len(task.examples) * store.views(task.split))
                 continue
             holder = claims.holder(task.split, task.name)
             if holder is None or claims.is_stale(holder):
@@ -351,10 +397,11 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
 def extract_part(encoder: Encoder, store: FeatureStore, task: PartTask, batch_size: int,
                  writer: "BackgroundWriter", summary: ExtractSummary, bar: tqdm | None = None, *,
                  prepared: PreparedPart | None = None, before_commit: Callable[[], None] | None = None) -> None:
-    """Run one part: prepare (unless done ahead), sort by length, forward batch by batch, and queue the
-    writes + the commit on ``writer``."""
-    prepared = prepared or encoder.prepare(task.examples)
-    examples, features, lengths = prepared.examples, prepared.features, prepared.lengths
+    """Run one part: prepare (unless done ahead), sort by length, forward batch by batch (each of the split's
+    views in turn), and queue the writes + the commit on ``writer``."""
+    views = store.views(task.split)
+    prepared = prepared or encoder.prepare(task.examples, views=views)
+    examples, lengths = prepared.examples, prepared.lengths
     order = np.argsort(-lengths, kind="stable")  # longest first: the largest batch runs (or fails) first
     summary.tokenize_seconds += prepared.seconds
     n_tokens = int(lengths.sum())
@@ -370,30 +417,46 @@ def extract_part(encoder: Encoder, store: FeatureStore, task: PartTask, batch_si
     maps = store.layout == "maps"
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        t0 = time.perf_counter()
-        hidden, mask = encoder.hidden_states([features[i] for i in rows])
-        # Tokens: drop padding; boolean-mask indexing keeps real tokens in (example, position) order = CSR rows.
-        # Maps: one (H, W, C) row per example (channels last: int8 scales then go per map position).
-        # A blocking copy: the writer thread reads these tensors, and must not see an unfinished GPU copy.
-        tokens = {layer: (hidden[layer].permute(0, 2, 3, 1) if maps else hidden[layer][mask]).to("cpu")
-                  for layer in layers}
-        summary.forward_seconds += time.perf_counter() - t0
-        summary.write_wait_seconds += writer.submit(lambda tokens=tokens: part["writer"].append(tokens))
+        batch_ids = [examples[i].id for i in rows]
+        for view in range(views):
+            t0 = time.perf_counter()
+            inputs = prepared.features_of(view)
+            # View 0: eval mode, exactly the forward of a store without views. Views >= 1: train-mode dropout
+            # seeded by the view and this batch's ids (deterministic: a part's batches always are the same).
+            batch = [inputs[i] for i in rows]
+            hidden, mask = (encoder.hidden_states(batch) if view == 0  # the call a store without views makes
+                            else encoder.hidden_states(batch, dropout_seed=dropout_seed(view, batch_ids)))
+            # Tokens: drop padding; boolean-mask indexing keeps real tokens in (example, position) order = CSR
+            # rows. Maps: one (H, W, C) row per example (channels last: int8 scales then go per map position).
+            # A blocking copy: the writer thread reads these tensors, and must not see an unfinished GPU copy.
+            tokens = {layer: (hidden[layer].permute(0, 2, 3, 1) if maps else hidden[layer][mask]).to("cpu")
+                      for layer in layers}
+            summary.forward_seconds += time.perf_counter() - t0
+            summary.write_wait_seconds += writer.submit(
+                lambda tokens=tokens, view=view: part["writer"].append(tokens, view=view))
+            if bar is not None:
+                bar.update(len(rows))
         summary.tokens[task.split] = summary.tokens.get(task.split, 0) + int(lengths[rows].sum())
         if bar is not None:
-            bar.update(len(rows))
             elapsed = max(bar.format_dict["elapsed"], 1e-9)
             bar.set_postfix(split=task.split, tokens_s=f"{sum(summary.tokens.values()) / elapsed:.0f}", refresh=False)
     if bar is not None and prepared.skipped:
-        bar.update(len(prepared.skipped))
+        bar.update(len(prepared.skipped) * views)
     ids = [examples[i].id for i in order]
     labels = target_rows(store.task, [prepared.token_targets[i] if prepared.token_targets is not None
                                       else examples[i].label for i in order], len(store.label_names))
     truncated = [examples[i].id for i in prepared.truncated]
     skipped = [(s.id, s.row, s.reason) for s in prepared.skipped]
-    writer.submit(lambda: part["writer"].finish(ids, labels, lengths[order], truncated=truncated, skipped=skipped,
-                                                before_commit=before_commit))
+
+    def finish() -> None:
+        part["writer"].finish(ids, labels, lengths[order], truncated=truncated, skipped=skipped,
+                              before_commit=before_commit)
+        for view, nbytes in part["writer"].view_bytes.items():  # (on the writer thread, as every write)
+            summary.view_bytes[view] = summary.view_bytes.get(view, 0) + nbytes
+
+    writer.submit(finish)
     summary.examples[task.split] = summary.examples.get(task.split, 0) + len(examples)
+    summary.view_examples[task.split] = summary.view_examples.get(task.split, 0) + len(examples) * views
     for s in prepared.skipped:
         summary.skipped[s.reason] = summary.skipped.get(s.reason, 0) + 1
     if truncated:

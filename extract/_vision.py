@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._backbone import PreparedPart, autocast_context, backbone_hashes, pick_device, resolve_model_dir
+from ._augment import Augmentation
+from ._backbone import (PreparedPart, autocast_context, backbone_hashes, pick_device, resolve_model_dir,
+                        stochastic_forward)
 from ._image_sources import ImageExample, ImagePreprocessor
 from .config import BackboneConfig
 
@@ -36,8 +38,11 @@ class VisionEncoder:
     """A frozen transformers vision model behind its own image processor (decoding in worker threads)."""
 
     def __init__(self, config: BackboneConfig, *, bad_input: str = "error", max_grid: int | None = None,
-                 workers: int = 2):
+                 workers: int = 2, augment: dict | None = None):
+        """``augment``: the Augmentation settings (scale, ratio, flip) of stochastic views >= 1; None = the
+        defaults (used only when a part is prepared with views > 1)."""
         self.config = config
+        self.augmentation = Augmentation(**(augment or {}))
         self.folder = resolve_model_dir(config.model, config.revision)
         from transformers import AutoImageProcessor, AutoModel
 
@@ -53,7 +58,8 @@ class VisionEncoder:
                 if getattr(base, key, None) is not None:
                     overrides[key] = square
         self.processor = AutoImageProcessor.from_pretrained(self.folder, **overrides)
-        self.preprocessor = ImagePreprocessor(self.processor, workers=workers, bad_input=bad_input)
+        self.preprocessor = ImagePreprocessor(self.processor, workers=workers, bad_input=bad_input,
+                                              augment=self.augmentation)
         model = AutoModel.from_pretrained(self.folder)
         model = getattr(model, "vision_model", model)  # CLIP-style dual encoders: the vision tower
         self.device = pick_device(config.device)
@@ -106,30 +112,37 @@ class VisionEncoder:
         return F.avg_pool2d(x, kernel_size=factors, stride=factors)
 
     # ------------------------------------------------------------------ preparing and running
-    def prepare(self, examples: Sequence[ImageExample], batch_size: int = 64) -> PreparedPart:
-        """Decode and process ``examples`` on the preprocessor's threads; broken images follow bad_input."""
+    def prepare(self, examples: Sequence[ImageExample], batch_size: int = 64, views: int = 1) -> PreparedPart:
+        """Decode and process ``examples`` on the preprocessor's threads; broken images follow bad_input.
+        ``views`` > 1: views 1 .. views-1 are processed from augmented images (``PreparedPart.view_features``)."""
         t0 = time.perf_counter()
-        kept, features, skipped = [], [], []
+        kept, skipped = [], []
+        features: list[list] = [[] for _ in range(views)]  # per view, one pixel tensor per kept example
         batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-        for prepared in self.preprocessor.map(batches):
+        for prepared in self.preprocessor.map(batches, views=views):
             kept += prepared.examples
             skipped += prepared.skipped
             if prepared.examples:
-                pixels = prepared.inputs["pixel_values"]
-                if tuple(pixels.shape[1:]) != self.image_shape:
-                    raise ValueError(f"the image processor gave {tuple(pixels.shape[1:])} pixel arrays, expected "
-                                     f"{self.image_shape}: stored layers need one size for every image; set "
-                                     "backbone.image_size to resize every image to one square size")
-                features += list(pixels)
+                for view, inputs in enumerate([prepared.inputs, *prepared.view_inputs]):
+                    pixels = inputs["pixel_values"]
+                    if tuple(pixels.shape[1:]) != self.image_shape:
+                        raise ValueError(f"the image processor gave {tuple(pixels.shape[1:])} pixel arrays, expected "
+                                         f"{self.image_shape}: stored layers need one size for every image; set "
+                                         "backbone.image_size to resize every image to one square size")
+                    features[view] += list(pixels)
         lengths = np.full(len(kept), self.num_tokens, dtype=np.int64)
-        return PreparedPart(kept, features, lengths, [], skipped, time.perf_counter() - t0)
+        return PreparedPart(kept, features[0], lengths, [], skipped, time.perf_counter() - t0,
+                            view_features=features[1:])
 
     @torch.no_grad()
-    def hidden_states(self, features: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def hidden_states(self, features: Sequence[torch.Tensor], dropout_seed: int | None = None,
+                      ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Candidate layers of a batch of pixel tensors, and the mask: tokens (B, N, D) each with an all-True
-        (B, N) mask; maps (B, C, H, W) each (pooled to max_grid) with an all-True (B, 1) mask."""
+        (B, N) mask; maps (B, C, H, W) each (pooled to max_grid) with an all-True (B, 1) mask.
+        ``dropout_seed``: train-mode dropout (BatchNorm frozen) seeded so, for a stochastic view; None = eval."""
         pixels = torch.stack(list(features)).to(self.device, non_blocking=True)
-        with autocast_context(self.device, self.config.autocast):
+        with autocast_context(self.device, self.config.autocast), \
+                stochastic_forward(self.model, self.device, dropout_seed):
             out = self.model(pixel_values=pixels, output_hidden_states=True, return_dict=True)
         states = list(out.hidden_states) + ([out.last_hidden_state] if self._with_last else [])
         if self.layout == MAPS:

@@ -147,6 +147,24 @@ class ExtractConfig:
     claim_ttl: float = 120.0
     """Seconds without a heartbeat after which another run may take over a part this run claimed (a run
     killed on the same host is taken over at once). Several runs may extract into one store together."""
+    views: int = 1
+    """Stochastic views stored per example of the views_splits (recipe: ``[extract] views = 4``). View 0 is
+    the eval-mode cache (identical to a views = 1 store); views 1 .. K-1 run the backbone with its train-mode
+    dropout (normalisation statistics frozen) and, for images, a random resized crop and flip before the
+    image processor. Seeded by the view and example ids (an image's augmentation by its own id; a batch's
+    dropout by its examples' ids in order, which a part fixes): resumed and distributed runs store the same
+    views. The trainer serves one view per example per epoch (train.views, train.view_schedule). Those splits'
+    stores grow ~K x, and extraction runs K forward passes per example; 1 = a plain eval-mode cache."""
+    views_splits: Sequence[str] = ("train",)
+    """Splits that get the views (when views > 1). Evaluation splits stay eval-mode only: a model is scored,
+    and its best epoch picked, on what inference computes (the frozen backbone in eval mode, no augmentation)."""
+    augment_scale: Sequence[float] = (0.08, 1.0)
+    """Images, views >= 1: the random crop's area as a fraction of the image's, drawn uniformly from this
+    range (torchvision's RandomResizedCrop default; e.g. (0.5, 1.0) for a milder crop)."""
+    augment_ratio: Sequence[float] = (3 / 4, 4 / 3)
+    """Images, views >= 1: the crop's aspect ratio (width / height), drawn log-uniformly from this range."""
+    augment_flip: float = 0.5
+    """Images, views >= 1: probability of a horizontal flip (0 = never)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.part_size < 1:
@@ -161,3 +179,17 @@ class ExtractConfig:
             raise ValueError(f"claim_ttl must be > 0 seconds, got {self.claim_ttl}")
         if self.writer_queue < 1:
             raise ValueError(f"writer_queue must be >= 1, got {self.writer_queue}")
+        if self.views < 1:
+            raise ValueError(f"extract.views must be >= 1 (1 = the eval-mode cache only), got {self.views}")
+        if isinstance(self.views_splits, str) or not all(isinstance(s, str) for s in self.views_splits):
+            raise ValueError(f"extract.views_splits must be a list of split names, got {self.views_splits!r}")
+        self.views_splits = list(self.views_splits)
+        self.augment_scale, self.augment_ratio = tuple(self.augment_scale), tuple(self.augment_ratio)
+        if len(self.augment_scale) != 2 or not 0 < self.augment_scale[0] <= self.augment_scale[1] <= 1:
+            raise ValueError(f"extract.augment_scale must be (low, high) with 0 < low <= high <= 1, got "
+                             f"{list(self.augment_scale)}")
+        if len(self.augment_ratio) != 2 or not 0 < self.augment_ratio[0] <= self.augment_ratio[1]:
+            raise ValueError(f"extract.augment_ratio must be (low, high) with 0 < low <= high, got "
+                             f"{list(self.augment_ratio)}")
+        if not 0 <= self.augment_flip <= 1:
+            raise ValueError(f"extract.augment_flip is a probability in [0, 1], got {self.augment_flip}")

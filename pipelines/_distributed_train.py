@@ -39,6 +39,7 @@ from unipt.store import FeatureStore
 from unipt.train import MetricsLog, RunResult, TrainConfig, fit_many, pass_groups
 
 from ._recipe import Recipe, build_recipe
+from ._stages import with_recipe_backbone
 
 log = logging.getLogger("unipt")
 
@@ -91,7 +92,9 @@ def train_group_task(names: list[str], *, document: dict[str, Any], store_url: s
     fit_many from the store at ``store_url`` (resuming what an earlier attempt saved, e.g. on a worker that
     died); their RunResults as plain dicts."""
     recipe = build_recipe(document)
-    runs = {name: recipe.train[name] if stack is None else dataclasses.replace(recipe.train[name], stack=stack)
+    # the backbone folder a method may read (SHERL) resolved here, on the worker's own machine
+    runs = {name: with_recipe_backbone(recipe.train[name] if stack is None
+                                       else dataclasses.replace(recipe.train[name], stack=stack), recipe)
             for name in names}
     store = FeatureStore.open(store_url, storage_options=storage_options)
     results = fit_many(runs, store, checkpoints, loader_config=recipe.loader, log=MetricsLog(metrics_log),

@@ -39,6 +39,7 @@ from unipt.extract import (
 )
 from unipt.store import STORAGE_DTYPES, FeatureStore, StoreError, ValueRangeError, check_provenance, round_trip
 from unipt.train import Task, check_store_matches, checkpoint_task, load_checkpoint, task_for
+from unipt.train._checkpoint import read_checkpoint_config
 
 _HASH_FIELDS = ("weights_sha256", "tokenizer_sha256")
 _INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".txt")
@@ -101,13 +102,16 @@ class SideNetworkPredictor(nn.Module):
         on GPU, as in extraction (auto = float16); CPU runs float32.
         """
         check_device(device)
-        side_network, config = load_checkpoint(checkpoint, map_location="cpu")
+        config = read_checkpoint_config(checkpoint)
         record = _inference_record(checkpoint, config, store)
         if record.get("modality", "text") != "text":
             raise ValueError(f"checkpoint {checkpoint} was trained on {record['modality']} features; `unipt predict` "
                              "labels raw texts. For images, extract them into a store (`unipt extract`) and score "
                              "it with `unipt eval`.")
         spec, folder = find_backbone(checkpoint, backbone or record.get("backbone"), config["store"])
+        # A side network that runs a frozen backbone block itself (SHERL) reads it from the folder found here.
+        options = {"backbone": str(folder)} if "backbone" in config["model"] else None
+        side_network, config = load_checkpoint(checkpoint, map_location="cpu", model_options=options)
         encoder = TextEncoder(BackboneConfig(model=str(folder), max_length=int(record["max_length"]),
                                              device=device, autocast=autocast))
         check_widths(encoder, config["layers"], config["layer_widths"], spec)

@@ -4,7 +4,10 @@ These are the baselines the cached path is compared against, so they are ordinar
 nothing cached:
 
 * ``online_unipt`` — the UniPT side network fed by the frozen backbone's hidden states, computed on the
-  fly every step the official way (backbone in eval mode, its forward under ``torch.no_grad``);
+  fly every step (backbone in eval mode, its forward under ``torch.no_grad``): exactly what a store holds;
+* ``online_unipt_train`` — the same with the backbone's dropout on while training (the official UniPT
+  protocol: the frozen backbone runs in train mode, so every epoch sees different hidden states), the
+  reference that stochastic views (``extract.views``) approximate; evaluation still runs it in eval mode;
 * ``full_finetune`` — the whole backbone plus a head (masked mean of the last hidden layer -> Linear),
   all trainable;
 * ``lora`` — LoRA adapters (``peft``) on the attention query and value projections, plus the same head.
@@ -92,10 +95,14 @@ class LoraTuningConfig:
 
 # --------------------------------------------------------------------------- models
 class OnlineUniPT(nn.Module):
-    """Frozen backbone (eval, no_grad) -> selected hidden states -> UniPT side network + head -> logits."""
+    """Frozen backbone (no_grad) -> selected hidden states -> UniPT side network + head -> logits.
 
-    def __init__(self, encoder: TextEncoder, config: UniPTConfig, num_labels: int):
+    ``backbone_dropout``: the backbone's dropout is on while the side network trains (train mode; its weights
+    stay frozen); otherwise the backbone is always in eval mode."""
+
+    def __init__(self, encoder: TextEncoder, config: UniPTConfig, num_labels: int, backbone_dropout: bool = False):
         super().__init__()
+        self.backbone_dropout = backbone_dropout
         self.encoder = encoder  # tokenizer, padding and the frozen forward: the extraction's own code path
         self.backbone = encoder.model  # registered so .to() and state_dict() see it; frozen by TextEncoder
         self.layers = resolve_layers(config.layers, range(encoder.num_hidden_states))
@@ -104,7 +111,8 @@ class OnlineUniPT(nn.Module):
 
     def train(self, mode: bool = True) -> "OnlineUniPT":
         super().train(mode)
-        self.backbone.eval()  # the backbone never trains, and its dropout stays off
+        # the backbone's weights never train; its dropout is on only in training, and only when asked for
+        self.backbone.train(mode and self.backbone_dropout)
         return self
 
     def forward(self, features: Features) -> torch.Tensor:
@@ -163,6 +171,10 @@ def _build_online_unipt(config: UniPTConfig, encoder: TextEncoder, num_labels: i
     return OnlineUniPT(encoder, config, num_labels)
 
 
+def _build_online_unipt_train(config: UniPTConfig, encoder: TextEncoder, num_labels: int) -> nn.Module:
+    return OnlineUniPT(encoder, config, num_labels, backbone_dropout=True)
+
+
 def _build_full_finetune(config: FineTuneConfig, encoder: TextEncoder, num_labels: int) -> nn.Module:
     _drop_unused_pooler(encoder.model)
     encoder.model.requires_grad_(True)  # TextEncoder loads it frozen
@@ -191,6 +203,7 @@ class OnlineMethod(Method):
 
 ONLINE_METHODS: dict[str, OnlineMethod] = {
     "online_unipt": OnlineMethod("online_unipt", UniPTConfig, _build_online_unipt),
+    "online_unipt_train": OnlineMethod("online_unipt_train", UniPTConfig, _build_online_unipt_train),
     "full_finetune": OnlineMethod("full_finetune", FineTuneConfig, _build_full_finetune),
     "lora": OnlineMethod("lora", LoraTuningConfig, _build_lora),
 }

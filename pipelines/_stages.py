@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from unipt.extract import BackboneConfig, ExtractSummary, backbone_hashes, resolve_path, run_extraction
 from unipt.store import FeatureStore, check_provenance
-from unipt.train import MetricsLog, RunResult, TrainConfig, fit_many, pass_groups
+from unipt.train import MetricsLog, RunResult, TrainConfig, fit_many, get_method, pass_groups
 
 from ._recipe import Recipe, RetrievalRecipe, select_runs
 
@@ -46,7 +46,8 @@ def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = Fa
     store = FeatureStore.open(recipe.store)
     check_store_fits_recipe(recipe, store)
     metrics = MetricsLog(recipe.metrics_log)
-    configs = {name: _stacking(recipe.train[name], stack) for name in selected if name in recipe.train}
+    configs = {name: with_recipe_backbone(_stacking(recipe.train[name], stack), recipe) for name in selected
+               if name in recipe.train}
     groups = [{name: config} for name, config in configs.items()] if separate else pass_groups(configs)
     results: dict[str, RunResult] = {}
     if groups and (workers or scheduler):
@@ -78,6 +79,22 @@ def train_stage(recipe: Recipe, runs: Sequence[str] = (), *, separate: bool = Fa
 
 def _stacking(config: TrainConfig, stack: str | None) -> TrainConfig:
     return config if stack is None else dataclasses.replace(config, stack=stack)
+
+
+def with_recipe_backbone(config: TrainConfig, recipe: Recipe) -> TrainConfig:
+    """A run whose method runs part of the backbone itself (SHERL's frozen last block: a ``backbone`` model
+    option) and names no folder gets the recipe's backbone folder, which may be a pkg:// or convert:// spec that
+    train/ cannot resolve (check_store_fits_recipe has checked it against the store)."""
+    option_names = {f.name for f in dataclasses.fields(get_method(config.method).config_cls)}
+    if "backbone" not in option_names or config.model.get("backbone"):
+        return config
+    try:
+        folder = Path(resolve_path(recipe.backbone.model))
+    except FileNotFoundError:
+        return config  # (not installed here: the store's recorded folder, if any, is used)
+    if not folder.is_dir():
+        return config
+    return dataclasses.replace(config, model={**config.model, "backbone": str(folder.resolve())})
 
 
 def _selected_searches(recipe: Recipe, names: Sequence[str]) -> list[str]:

@@ -17,6 +17,7 @@ from unipt.train import MetricsLog, RunResult, SweepSearch, fit_many, make_task,
 from unipt.train._search import apply_params
 
 from ._recipe import Recipe
+from ._stages import with_recipe_backbone
 
 
 def search_stage(recipe: Recipe, section: str, store: FeatureStore, *, progress: bool = True,
@@ -31,7 +32,7 @@ def search_stage(recipe: Recipe, section: str, store: FeatureStore, *, progress:
         raise ValueError(f"[train.{section}] is not a search in recipe {recipe.name!r}; its searches: "
                          f"{sorted(recipe.searches)}")
     spec = recipe.searches[section]
-    base, config = spec.base, spec.config
+    base, config = with_recipe_backbone(spec.base, recipe), spec.config  # (SHERL's backbone folder)
     split = base.eval_split
     if split not in store.splits() or not store.parts(split):
         raise ValueError(f"[train.{section}] searches on the eval split {split!r}, which store {store.url} does not "

@@ -316,6 +316,10 @@ def _cmd_store_info(args) -> int:
               f"{row['truncated']:9d} {row['bytes'] / 2**20:9.1f}")
     per_value = info["bytes_per_value"]
     print(f"total {info['bytes'] / 2**20:.1f} MiB; {per_value:.3f} bytes per stored value" if per_value else "empty")
+    for split, row in info["splits"].items():  # stochastic views (extract.views): view 0 is the eval-mode cache
+        if row.get("views", 1) > 1:
+            sizes = ", ".join(f"{nbytes / 2**20:.1f}" for nbytes in row["bytes_per_view"])
+            print(f"views      {split}: {row['views']} per example (view 0 = eval mode); MiB per view {sizes}")
     incomplete = [f"{split} {row['parts']} of {row['planned_parts']}" for split, row in info["splits"].items()
                   if row["planned_parts"] is not None and row["parts"] < row["planned_parts"]]
     if incomplete:

@@ -17,6 +17,11 @@ bfloat16 stores are exported as their stored uint16 bit patterns (npy has no bfl
 last, records the store's provenance, the layers, dtype and the per-split counts and shard names.
 Only committed parts are exported; each example is written exactly as :meth:`FeatureStore.read_part`
 decodes it (no cast, no dequantisation).
+
+A store with stochastic views (``extract.views`` > 1) exports view 0 only: the eval-mode cache, the one
+view every split has and the one a K = 1 store holds, so an export means the same whatever the store's
+views; the manifest says so (``"view": 0`` and the views the store holds per split). The other views stay
+in the store: they exist to be rotated by unipt's loader across epochs, not to be consumed as one dataset.
 """
 
 from __future__ import annotations
@@ -109,6 +114,8 @@ def export_webdataset(
         "task": store.task,
         "label_names": label_names,
         "splits": counts,
+        # Which stochastic view the layer members hold: always view 0, the eval-mode cache (see the docstring).
+        **({"view": 0, "store_views": {split: store.views(split) for split in splits}} if store.view_splits else {}),
     }
     # Written last, like a part's commit marker: a folder without it is an unfinished export.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -8,6 +8,9 @@ A store is a Zarr v3 group::
         part-000000/             one immutable part = a contiguous range of source examples
           layer_000 ... layer_L  layout "tokens": (total_tokens, D_l) ragged tokens, CSR rows, no padding;
                                  layout "maps": (n_examples, H_l, W_l, C_l) one fixed-shape map per example
+          layer_000_view1 ...    stores with stochastic views (root "views" = {count: K, splits}), parts of
+                                 the view splits only: view v >= 1 of each layer, shaped like view 0
+                                 (layer_NNN itself); the same offsets, lengths and targets serve every view
           offsets                (n_examples + 1,) int64: example i owns rows offsets[i]:offsets[i+1]
           example_id             (n_examples,) str: stable content hash or source key
           <target column>        the task's targets (TARGETS): classification "label" (n_examples,) int64,
@@ -95,9 +98,20 @@ CHUNK_BYTES = 1 << 21  # 2 MiB
 SHARD_BYTES = 1 << 25  # 32 MiB
 
 
-def layer_key(layer: int) -> str:
-    """Array name of hidden-state layer ``layer`` (0 = embedding output)."""
-    return f"layer_{layer:03d}"
+def layer_key(layer: int, view: int = 0) -> str:
+    """Array name of hidden-state layer ``layer`` (0 = embedding output); ``view`` >= 1: that stochastic view of
+    it (view 0, the eval-mode cache, keeps the name every store has always used)."""
+    if view < 0:
+        raise ValueError(f"view must be >= 0, got {view}")
+    return f"layer_{layer:03d}" + (f"{VIEW_SUFFIX}{view}" if view else "")
+
+
+# Stochastic views (extract.views = K > 1): the root record "views" = {"count": K, "splits": [...]}; parts
+# of those splits hold layer_NNN (view 0) and layer_NNN_view1 ... layer_NNN_view{K-1}, and their commit
+# record says "views": K. Readers that know nothing of views read layer_NNN = view 0, the eval-mode cache,
+# exactly what a K = 1 store holds: so views need no new format version (docs/store-format.md).
+VIEWS = "views"
+VIEW_SUFFIX = "_view"
 
 
 def part_key(index: int) -> str:

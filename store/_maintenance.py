@@ -14,7 +14,7 @@ from zarr.core.sync import sync
 
 from . import _format as fmt
 from ._claims import claim_stale_reason, claim_state
-from ._store import CorruptChunkError, FeatureStore, StoreError, _child_names, _join
+from ._store import CorruptChunkError, FeatureStore, StoreError, _child_names, _join, _view_of
 
 
 @dataclass
@@ -54,8 +54,10 @@ def verify(store: FeatureStore) -> VerifyReport:
 
     Names each missing object, each whose bytes changed, each stored object no commit mentions, each
     commit record that fails its own checksum, each part folder that is unreadable or not committed (with
-    who claims it), and each split with fewer committed parts than extraction planned. (The root
-    metadata's checksum is checked when the store is opened.)
+    who claims it), each split with fewer committed parts than extraction planned, and each part of a split
+    with stochastic views that does not hold every view of every layer (each view's objects are re-hashed
+    like view 0's: the commit record lists them all). (The root metadata's checksum is checked when the
+    store is opened.)
     """
     report = VerifyReport(store.url)
     prototype = default_buffer_prototype()
@@ -91,6 +93,7 @@ def verify(store: FeatureStore) -> VerifyReport:
                                                "committed without checksums (an older unipt); re-extract it"))
                 continue
             present = {key[len(prefix) + 1:] for key in sync(_list(zstore, prefix))}
+            report.problems += _view_problems(store, info, recorded)
             for key, digest in recorded.items():
                 where = f"{split}/{info.name}/{key}"
                 if key not in present:
@@ -110,6 +113,19 @@ def verify(store: FeatureStore) -> VerifyReport:
     except CorruptChunkError as exc:
         report.problems.append(Problem(fmt.SKIPPED, "damaged", str(exc)))
     return report
+
+
+def _view_problems(store: FeatureStore, info, recorded: dict[str, str]) -> list[Problem]:
+    """A part of a split with views must hold every view of every layer, as its commit record says."""
+    where, expected = f"{info.split}/{info.name}", store.views(info.split)
+    if info.views != expected:
+        return [Problem(where, "damaged", f"committed with {info.views} view(s); the store records {expected} "
+                                          f"for split {info.split!r}")]
+    arrays = {key.split("/", 1)[0] for key in recorded}
+    absent = [fmt.layer_key(layer, view) for view in range(expected) for layer in store.layers
+              if fmt.layer_key(layer, view) not in arrays]
+    return [Problem(f"{where}/{key}", "missing", "a view's layer array the commit record does not list")
+            for key in absent]
 
 
 def _known_splits(store: FeatureStore) -> list[str]:
@@ -165,6 +181,7 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         parts = [f.info for f in folders if f.state == "committed"]
         tokens = sum(p.n_tokens for p in parts)
         nbytes = 0
+        view_bytes: dict[int, int] = {}  # stored values (and int8 scales) of each view
         for info in parts:
             zstore, prefix = _store_and_prefix(store, split, info.name)
             for key in sync(_list(zstore, prefix)):
@@ -173,9 +190,15 @@ def describe(store: FeatureStore) -> dict[str, Any]:
                 relative = key[len(prefix) + 1:]
                 if relative.startswith("layer_") and "/c/" in relative:  # stored values (and int8 scales)
                     value_bytes += size
-        values += tokens * row_values
+                    view = _view_of(relative)
+                    view_bytes[view] = view_bytes.get(view, 0) + size
+        views = store.views(split)
+        values += tokens * row_values * views  # every view stores as many values as view 0
         splits[split] = {"parts": len(parts), "examples": sum(p.n_examples for p in parts), "tokens": tokens,
                          "truncated": sum(p.truncated for p in parts), "bytes": nbytes,
+                         # a split with stochastic views: how many per example, and the layer bytes of each
+                         **({"views": views, "bytes_per_view": [view_bytes.get(view, 0) for view in range(views)]}
+                            if views > 1 else {}),
                          "planned_parts": plan.get(split, {}).get("parts"),
                          "planned_examples": plan.get(split, {}).get("examples"),
                          # folders that are not (or no longer trustworthily) committed: state by part
@@ -192,6 +215,8 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "layer_widths": store.meta["layer_widths"],
         "layout": store.layout,
         "layer_shapes": store.meta.get("layer_shapes"),  # maps stores: (H, W, C) per layer
+        # {"count": K, "splits": [...]} for a store with stochastic views, else None (every split: view 0 only)
+        "views": store.meta.get(fmt.VIEWS),
         "task": store.task,
         "label_names": store.label_names,
         "splits": splits,

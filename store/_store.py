@@ -45,6 +45,7 @@ class PartInfo:
     source_start: int  # index of its first example in the split's source order
     source_stop: int
     truncated: int = 0  # examples cut to the backbone's max_length (their ids are in the commit record)
+    views: int = 1  # stochastic views stored per example (1 = the eval-mode cache only)
 
     @property
     def index(self) -> int:
@@ -180,6 +181,7 @@ class FeatureStore:
         plan: Mapping[str, Mapping[str, int]] | None = None,
         chunk_checksum: str | None = fmt.CHUNK_CHECKSUM,
         task: str = fmt.CLASSIFICATION,
+        views: Mapping[str, Any] | None = None,
     ) -> "FeatureStore":
         """Create a store, or re-open an existing one whose provenance matches (to resume into it).
 
@@ -191,6 +193,8 @@ class FeatureStore:
         measure what checking costs). ``task``: the kind of targets the parts hold (:data:`fmt.TASK_KINDS`);
         ``label_names`` are then the classes, labels, target names or tags. A classification store is written
         as format version 1 with no task record, as before tasks existed; the other kinds as version 2.
+        ``views``: ``{"count": K, "splits": [...]}``: parts of those splits hold K stochastic views of every
+        layer (``fmt.layer_key(layer, view)``); None or a count of 1 writes no views record (today's store).
 
         A store made from another backbone, source or extraction config is refused with the list of
         differing fields: mixing parts from two configs in one store would silently corrupt training.
@@ -207,6 +211,7 @@ class FeatureStore:
         if task != fmt.CLASSIFICATION and not label_names:
             raise ValueError(f"a {task} store needs the names of its targets (label_names), got none")
         typed = task != fmt.CLASSIFICATION  # only then version 2 and a task record: see fmt.FORMAT_VERSION
+        views = _views_record(views)
         if layer_shapes is not None:
             layer_shapes = [[int(n) for n in shape] for shape in layer_shapes]
             if len(layer_shapes) != len(layers) or any(
@@ -230,6 +235,8 @@ class FeatureStore:
             **({} if plan is None else {"plan": {split: {"examples": int(p["examples"]), "parts": int(p["parts"])}
                                                  for split, p in plan.items()}}),
             **({} if chunk_checksum is None else {"chunk_checksum": chunk_checksum}),
+            # Only with K > 1 views: a K = 1 store's metadata stays what it has always been, byte for byte.
+            **({} if views is None else {fmt.VIEWS: views}),
         }
         if chunk_checksum not in (None, fmt.CHUNK_CHECKSUM):
             raise ValueError(f"chunk_checksum must be {fmt.CHUNK_CHECKSUM!r} or None, got {chunk_checksum!r}")
@@ -304,6 +311,19 @@ class FeatureStore:
     @property
     def provenance(self) -> dict[str, Any]:
         return dict(self.meta["provenance"])
+
+    def views(self, split: str) -> int:
+        """Stochastic views stored per example of ``split``: ``extract.views`` for the splits extracted with
+        views (by default the train split), 1 (the eval-mode cache alone) for the others and for stores
+        without views. View 0 is always the eval-mode cache."""
+        record = self.meta.get(fmt.VIEWS)
+        return int(record["count"]) if record and split in record["splits"] else 1
+
+    @property
+    def view_splits(self) -> list[str]:
+        """The splits whose parts hold more than one view ([] for a store without views)."""
+        record = self.meta.get(fmt.VIEWS)
+        return list(record["splits"]) if record else []
 
     @property
     def read_only(self) -> bool:
@@ -494,7 +514,8 @@ class FeatureStore:
         if self.layout == fmt.MAPS and n_tokens != n_examples:
             raise ValueError(f"a maps store holds one row per example: n_tokens ({n_tokens}) must equal "
                              f"n_examples ({n_examples})")
-        info = PartInfo(split, name, n_examples, n_tokens, source_start, source_start + n_examples)
+        info = PartInfo(split, name, n_examples, n_tokens, source_start, source_start + n_examples,
+                        views=self.views(split))
         # Written through a store that records the sha256 of every object as it is stored: the commit
         # marker lists them, and `verify` re-hashes what is there now (no read-back at write time).
         recorder = RecordingStore(self._root.store)
@@ -503,8 +524,10 @@ class FeatureStore:
                           checksum=self.chunk_checksum, task=self.task, n_targets=len(self.label_names))
 
     # ----------------------------------------------------------------- reading
-    def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None) -> PartData:
-        """Decode one committed part; ``layers`` (default: all stored) limits which layers are decoded."""
+    def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None, *,
+                  view: int = 0) -> PartData:
+        """Decode one committed part; ``layers`` (default: all stored) limits which layers are decoded;
+        ``view``: which stochastic view of them (0 = the eval-mode cache, the only one most stores hold)."""
         split, name = (part.split, part.name) if isinstance(part, PartInfo) else part
         split_group = self._split_group(split, create=False)
         info = None if split_group is None else self._part_folder(split_group, split, name, strict=True).info
@@ -514,6 +537,9 @@ class FeatureStore:
         missing = sorted(set(layers) - set(self.layers))
         if missing:
             raise StoreError(f"layers {missing} are not in {self.url}; it stores layers {self.layers}")
+        if not 0 <= view < info.views:
+            raise StoreError(f"{split}/{name} of {self.url} holds {info.views} view(s) (0 .. {info.views - 1}); "
+                             f"view {view} was asked for")
         path, where = _join(self._root.path, split, name), f"{self.url} {split}/{name}"
         n, rows = info.n_examples, info.n_tokens
         read = lambda key, length: _read_array(self._reads, path, key, where, length)  # noqa: E731
@@ -523,7 +549,7 @@ class FeatureStore:
         _check_columns(columns, rows, where)
         decoded, scales = {}, {}
         for layer in layers:
-            key = fmt.layer_key(layer)
+            key = fmt.layer_key(layer, view)
             decoded[layer] = as_tensor(read(key, rows), self.dtype)
             if self.dtype == "int8":
                 scales[layer] = torch.from_numpy(read(key + SCALE_SUFFIX, rows))
@@ -571,7 +597,7 @@ class FeatureStore:
                                         f"{split} {name}` and re-run extraction to redo it")
             return PartFolder(split, name, "damaged", detail=problem)
         info = PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"],
-                        commit["source_stop"], len(commit.get("truncated", ())))
+                        commit["source_stop"], len(commit.get("truncated", ())), int(commit.get(fmt.VIEWS, 1)))
         return PartFolder(split, name, "committed", info)
 
 
@@ -592,6 +618,8 @@ class PartWriter:
     Rows arrive in batches (``append``) and are written in shard-aligned blocks, so each stored object is
     written exactly once (a partial write into a Zarr shard would read, merge and rewrite it). A row is one
     token (D,) or, in a maps store, one example's whole (H, W, C) map: ``row_shapes`` says which per layer.
+    A part of ``info.views`` > 1 views takes every view's rows (``append(rows, view=v)``, in the same storage
+    order for every view) and commits only once all of them are written.
     """
 
     def __init__(self, group: zarr.Group, info: PartInfo, row_shapes: Mapping[int, tuple[int, ...]], dtype: str,
@@ -609,14 +637,17 @@ class PartWriter:
         self._pending_rows: dict[str, int] = {}
         self._written: dict[str, int] = {}
         self._block_rows: dict[str, int] = {}
+        self.view_bytes: dict[int, int] = {}  # after finish: stored bytes of each view's layer arrays
         stored = STORED_NUMPY[dtype]
-        for layer, row_shape in row_shapes.items():
-            key = fmt.layer_key(layer)
-            row_shape = tuple(row_shape)
-            chunk_rows, shard_rows = _chunk_layout(math.prod(row_shape), stored.itemsize, info.n_tokens)
-            self._add_array(key, row_shape, stored, chunk_rows, shard_rows)
-            if dtype == "int8":  # one scale per token (per map position), laid out like its layer
-                self._add_array(key + SCALE_SUFFIX, row_shape[:-1], np.dtype("float32"), chunk_rows, shard_rows)
+        # View 0's arrays first, exactly as a part without views has them; then each further view's.
+        for view in range(info.views):
+            for layer, row_shape in row_shapes.items():
+                key = fmt.layer_key(layer, view)
+                row_shape = tuple(row_shape)
+                chunk_rows, shard_rows = _chunk_layout(math.prod(row_shape), stored.itemsize, info.n_tokens)
+                self._add_array(key, row_shape, stored, chunk_rows, shard_rows)
+                if dtype == "int8":  # one scale per token (per map position), laid out like its layer
+                    self._add_array(key + SCALE_SUFFIX, row_shape[:-1], np.dtype("float32"), chunk_rows, shard_rows)
 
     def _add_array(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int) -> None:
         self._arrays[key] = self.group.create_array(
@@ -627,13 +658,18 @@ class PartWriter:
         self._pending[key], self._pending_rows[key], self._written[key] = [], 0, 0
         self._block_rows[key] = shard_rows
 
-    def append(self, rows: Mapping[int, torch.Tensor | np.ndarray]) -> None:
-        """Append rows ``(t, *row_shape_l)`` for every layer (same ``t`` for all), in storage order."""
+    def append(self, rows: Mapping[int, torch.Tensor | np.ndarray], view: int = 0) -> None:
+        """Append rows ``(t, *row_shape_l)`` for every layer (same ``t`` for all), in storage order, to view
+        ``view`` (0 = the eval-mode cache; views >= 1 only in a part of several views)."""
         if set(rows) != set(self._layers):
             raise ValueError(f"expected rows for layers {sorted(self._layers)}, got {sorted(rows)}")
+        if not 0 <= view < self.info.views:
+            raise ValueError(f"{self.info.split}/{self.info.name} holds {self.info.views} view(s); got rows for "
+                             f"view {view}")
         for layer, block in rows.items():
-            key = fmt.layer_key(layer)
-            encoded = encode(torch.as_tensor(block), self.dtype, f"layer {layer} of {self.info.split}/{self.info.name}")
+            key = fmt.layer_key(layer, view)
+            where = f"layer {layer}{f' (view {view})' if view else ''} of {self.info.split}/{self.info.name}"
+            encoded = encode(torch.as_tensor(block), self.dtype, where)
             for suffix, values in encoded.items():
                 self._pending[key + suffix].append(values)
                 self._pending_rows[key + suffix] += values.shape[0]
@@ -666,7 +702,7 @@ class PartWriter:
         if targets.shape[1:] != width:
             raise ValueError(f"part {self.info.name}: {self.task} targets must have shape (rows, *{width}), got "
                              f"{targets.shape}")
-        for key in self._arrays:
+        for key in self._arrays:  # every view's arrays: a part missing any view's rows never commits
             self._flush(key, final=True)
             if self._written[key] != self.info.n_tokens:
                 raise ValueError(f"{key}: wrote {self._written[key]} rows, expected {self.info.n_tokens}")
@@ -694,11 +730,15 @@ class PartWriter:
             "committed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "truncated": [str(i) for i in truncated],
             **({"skipped": [[str(i), int(row), str(why)] for i, row, why in skipped]} if skipped else {}),
+            **({fmt.VIEWS: self.info.views} if self.info.views > 1 else {}),
             "sha256": objects,
         }
         # The record vouches for itself and the declared counts beside it: an edited n_examples, source
         # range or object digest no longer matches (the objects' own digests cover everything else).
         commit[fmt.RECORD_DIGEST] = _commit_digest(self.declared, commit)
+        if self.recorder is not None:
+            self.view_bytes = {view: sum(size for key, size in self.recorder.sizes.items()
+                                         if _view_of(key[len(prefix):]) == view) for view in range(self.info.views)}
         self.group.attrs[fmt.COMMIT_ATTR] = commit
         return replace(self.info, truncated=len(truncated))
 
@@ -720,6 +760,29 @@ class PartWriter:
             rest = buffered[take:]
             self._pending[key] = [rest] if rest.shape[0] else []
             self._pending_rows[key] = rest.shape[0]
+
+
+def _view_of(key: str) -> int | None:
+    """The view whose layer data a part's object ``key`` ("layer_003_view1/c/0") holds; None for columns."""
+    array = key.split("/", 1)[0]
+    if not array.startswith("layer_"):
+        return None
+    name = array[: -len(SCALE_SUFFIX)] if array.endswith(SCALE_SUFFIX) else array
+    _, _, view = name.partition(fmt.VIEW_SUFFIX)
+    return int(view) if view else 0
+
+
+def _views_record(views: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The root "views" record, checked; None when there is nothing beyond view 0."""
+    if views is None:
+        return None
+    count, splits = views.get("count"), views.get("splits")
+    if not isinstance(count, int) or count < 1 or not isinstance(splits, (list, tuple)) or not all(
+            isinstance(split, str) for split in splits) or set(views) - {"count", "splits"}:
+        raise ValueError(f"views must be {{'count': K >= 1, 'splits': [split names]}}, got {dict(views)}")
+    if count == 1 or not splits:
+        return None
+    return {"count": count, "splits": sorted(set(splits))}
 
 
 def _chunk_layout(row_values: int, itemsize: int, n_rows: int) -> tuple[int, int]:

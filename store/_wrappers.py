@@ -21,18 +21,22 @@ class RecordingStore(WrapperStore[Store]):
     def __init__(self, store: Store) -> None:
         super().__init__(store)
         self.digests: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}  # bytes of each key written (what each stochastic view costs)
 
     def _with_store(self, store: Store) -> "RecordingStore":
         clone = type(self)(store)
-        clone.digests = self.digests  # one record, whichever view of the store wrote
+        clone.digests, clone.sizes = self.digests, self.sizes  # one record, whichever view of the store wrote
         return clone
 
     async def set(self, key: str, value: Buffer) -> None:
-        self.digests[key] = hashlib.sha256(value.as_numpy_array().tobytes()).hexdigest()
+        data = value.as_numpy_array().tobytes()
+        self.digests[key] = hashlib.sha256(data).hexdigest()
+        self.sizes[key] = len(data)
         await self._store.set(key, value)
 
     async def delete(self, key: str) -> None:
         self.digests.pop(key, None)
+        self.sizes.pop(key, None)
         await self._store.delete(key)
 
 

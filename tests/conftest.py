@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipt.store import FeatureStore
+from unipt.store import IGNORE_INDEX, FeatureStore
 
 WORDS = ("good bad great awful fine movie film plot actor scene love hate boring fun slow fast music "
          "story ending happy sad dark light long short best worst really very quite not").split()
@@ -249,3 +249,49 @@ def write_fake_openmoji(cache: Path, csv_text: str, svgs: dict[str, bytes]) -> P
     for hexcode, svg in svgs.items():
         (package / "color" / "svg" / f"{hexcode}.svg").write_bytes(svg)
     return package
+
+
+# --------------------------------------------------------------------------- shared by the method tests
+def reference_linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    return x @ lin.weight.T + lin.bias
+
+
+def reference_layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)  # biased variance, as LayerNorm
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def pad_with_garbage(hs, mask, extra: int, seed: int = 0):
+    """``extra`` padded positions added to every example, and large random values in every padded row (new and
+    old), so a model whose real-token outputs move has read padding."""
+    g = torch.Generator().manual_seed(seed)
+    b, n = mask.shape
+    hs2 = [torch.cat([h, torch.randn(b, extra, h.shape[-1], generator=g, dtype=h.dtype) * 50], dim=1) for h in hs]
+    for h, h2 in zip(hs, hs2):  # garbage also in the already-padded positions
+        h2[:, :n][~mask] = torch.randn(int((~mask).sum()), h.shape[-1], generator=g, dtype=h.dtype) * 50
+    mask2 = torch.cat([mask, torch.zeros(b, extra, dtype=torch.bool)], dim=1)
+    return hs2, mask2
+
+
+def write_tagging_store(url: str, widths=(16, 16, 16)) -> FeatureStore:
+    """A per-token task: each token's tag is the direction it carries (the first token is not scored)."""
+    tags = ["x", "y", "z"]
+    store = FeatureStore.create(url, layers=list(range(len(widths))), layer_widths=list(widths), dtype="float32",
+                                label_names=tags, task="tagging",
+                                provenance={"backbone": {"weights_sha256": "tiny", "tokenizer_sha256": "tiny"}})
+    g = torch.Generator().manual_seed(0)
+    directions = [torch.randn(3, w, generator=g) for w in widths]
+    start = 0
+    for split, n in (("train", 40), ("validation", 12), ("test", 12)):
+        lengths = [2 + (5 * k) % 7 for k in range(n)]
+        writer = store.part_writer(split, 0, n_examples=n, n_tokens=sum(lengths), source_start=start)
+        targets = []
+        for length in lengths:
+            token_tags = torch.randint(0, 3, (length,), generator=g)
+            writer.append({l: torch.randn(length, w, generator=g) + 1.5 * directions[l][token_tags]
+                           for l, w in enumerate(widths)})
+            targets += [IGNORE_INDEX, *token_tags[1:].tolist()]
+        writer.finish([f"{split}-{k:03d}" for k in range(n)], targets, lengths)
+        start += n
+    return FeatureStore.open(url)

@@ -11,9 +11,13 @@ from ._sweep import MODEL_PREFIX, expand_sweep, sweep_keys
 from ._trainer import (PASS_FIELDS, MetricsLog, RunResult, build_model, count_trainable, evaluate, evaluate_checkpoint,
                        fit, fit_many, make_task, pass_groups, split_targets)
 from .config import LoaderConfig, TrainConfig
+from .head2toe import Head2Toe, Head2ToeConfig
 from .linear_probe import LinearProbe, LinearProbeConfig
 from .lst import LST, LSTClassifier, LSTConfig
+from .restuning import ResTuningBypass, ResTuningClassifier, ResTuningConfig
 from .scalar_mix import ScalarMix, ScalarMixConfig
+from .sherl import SHERL, SHERLClassifier, SHERLConfig
+from .side4video import Side4Video, Side4VideoClassifier, Side4VideoConfig
 from .unipt import UniPT, UniPTClassifier, UniPTConfig
 from .tasks import TASKS, HeadSpec, Task, task_for, task_from_record
 from .unipt_cnn import UniPTCNN, UniPTCNNClassifier, UniPTCNNConfig, window_size
@@ -64,6 +68,8 @@ __all__ = [
     "UniPT",
     "UniPTClassifier",
     "UniPTConfig",
+    "Head2Toe",
+    "Head2ToeConfig",
     "LinearProbe",
     "LinearProbeConfig",
     "ScalarMix",
@@ -71,6 +77,15 @@ __all__ = [
     "LST",
     "LSTClassifier",
     "LSTConfig",
+    "ResTuningBypass",
+    "ResTuningClassifier",
+    "ResTuningConfig",
+    "Side4Video",
+    "Side4VideoClassifier",
+    "Side4VideoConfig",
+    "SHERL",
+    "SHERLClassifier",
+    "SHERLConfig",
     "UniPTCNN",
     "UniPTCNNClassifier",
     "UniPTCNNConfig",

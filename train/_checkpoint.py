@@ -115,15 +115,19 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``config.json`` and load its safetensors weights (a folder or an fsspec URL)."""
+def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu",
+                    model_options: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` and load its safetensors weights (a folder or an fsspec URL).
+
+    ``model_options`` replace saved model options, e.g. SHERL's ``backbone`` folder on a machine that keeps the
+    backbone elsewhere (its saved weights hash is still checked against the folder)."""
     config = read_checkpoint_config(directory)
     if config.get("kind") == "two-tower":
         raise ValueError(f"{directory} is a two-tower retrieval checkpoint: load it with "
                          "unipt.train.retrieval.load_two_tower; serve it with `unipt index` and `unipt search`")
     method = get_method(config["method"])
     head = HeadSpec(**config["head"]) if "head" in config else config["num_labels"]
-    model = method.build(method.make_config(config["model"]), config["layer_widths"], head)
+    model = method.build(method.make_config({**config["model"], **(model_options or {})}), config["layer_widths"], head)
     load_weights(directory, model, map_location)
     return model, config
 

@@ -19,10 +19,22 @@ happens on a background thread, so the training loop only takes ready batches of
 
 A store of CNN feature maps (layout "maps") goes through the same two plans: each example is one stored row
 per layer, a whole (H, W, C) map, and batches come out as (B, C, H, W) with an all-True (B, 1) mask.
+
+Stochastic views (a split extracted with ``extract.views = K``): each epoch serves one view per example, from
+the first ``n`` stored views (``views``; 0 = all K). ``view_schedule``:
+
+* ``"rotate"`` — epoch e serves view ``e mod n`` of every example: each part decodes one view per epoch,
+  the cost of a store without views. Memory mode holds all n views resident: n times the memory.
+* ``"random"`` — each example draws its view per epoch from a hash of (data seed, epoch, example id), so
+  one batch mixes views. Stream mode then decodes all n views of every part it reads (n times the decoding
+  of rotate) and keeps the rows each example drew; memory mode holds n views, as for rotate.
+* ``"eval"`` — view 0 always (the eval-mode cache): what every loader serves by default, and what the
+  evaluation and test splits always read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import queue
@@ -30,7 +42,7 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -38,7 +50,7 @@ import torch
 
 from unipt.store import IGNORE_INDEX, FeatureStore, PartData, PartInfo, StoreError, bytes_per_row, dequantize
 
-from .config import LoaderConfig
+from .config import VIEW_SCHEDULES, LoaderConfig
 
 # An example reference: (decoded part, row within the part).
 _Ref = tuple[PartData, int]
@@ -81,6 +93,8 @@ class ActivationLoader:
         pin_memory: bool = False,
         accelerator: bool = False,
         length_sorted: bool = False,
+        views: int = 0,
+        view_schedule: str = "eval",
     ):
         self.store, self.split, self.layers = store, split, list(layers)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -98,10 +112,20 @@ class ActivationLoader:
         missing = sorted(set(self.layers) - set(store.layers))
         if missing:
             raise StoreError(f"layers {missing} are not in {store.url}; it stores layers {store.layers}")
+        if view_schedule not in VIEW_SCHEDULES:
+            raise ValueError(f"view_schedule must be one of {VIEW_SCHEDULES}, got {view_schedule!r}")
+        stored = store.views(split)
+        if not 0 <= views <= stored:
+            raise StoreError(f"{views} views were asked for (train.views), but split {split!r} of {store.url} "
+                             f"stores {stored} view(s) per example; ask for at most {stored} (0 = all of them), or "
+                             "extract with more (extract.views)")
+        self.view_schedule = view_schedule
+        # Views served: the first n stored (eval: view 0 alone, so nothing beyond it is read or held).
+        self.n_views = 1 if view_schedule == "eval" else (views or stored)
         self.num_examples = sum(p.n_examples for p in self.parts)
         row_shapes = self.row_shapes = store.row_shapes
         self.maps = store.layout == "maps"
-        self.resident_bytes = sum(p.n_tokens for p in self.parts) * sum(
+        self.resident_bytes = self.n_views * sum(p.n_tokens for p in self.parts) * sum(
             bytes_per_row(store.dtype, row_shapes[l]) for l in self.layers)
         mode = self.config.mode
         if mode == "auto":
@@ -115,8 +139,19 @@ class ActivationLoader:
         self.background = background == "on" or (background == "auto" and (accelerator or spare_core))
 
     def set_epoch(self, epoch: int) -> None:
-        """Seeds this epoch's shuffle: same seed and epoch, same batches."""
+        """Seeds this epoch's shuffle (and picks its views): same seed and epoch, same batches."""
         self.epoch = epoch
+
+    def epoch_views(self, example_ids: Sequence[str], epoch: int | None = None) -> np.ndarray | None:
+        """The view each of ``example_ids`` is served in ``epoch`` (default: the current one); None = view 0
+        for all (one view served)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.n_views == 1:
+            return None
+        if self.view_schedule == "rotate":
+            return np.full(len(example_ids), epoch % self.n_views, dtype=np.int64)
+        return np.fromiter((_draw(self.seed, epoch, str(example_id), self.n_views) for example_id in example_ids),
+                           dtype=np.int64, count=len(example_ids))
 
     def release(self) -> None:
         """Free the decoded split that memory mode keeps between epochs (a later epoch decodes it again)."""
@@ -160,7 +195,11 @@ class ActivationLoader:
     def _memory_batches(self, rng: np.random.Generator) -> Iterator[list[_Ref]]:
         if self._resident is None:
             self._resident = self._read_resident()
-        refs = [(self._resident, i) for i in range(self._resident.info.n_examples)]
+        # This epoch's views: the resident split with each example's view (its tensors shared, not copied).
+        source = self._resident
+        if self.n_views > 1:
+            source = replace(source, example_view=self.epoch_views(source.example_id))
+        refs = [(source, i) for i in range(source.info.n_examples)]
         if self.shuffle:
             refs = [refs[i] for i in rng.permutation(len(refs))]
             yield from self._bucketed(refs, rng)
@@ -171,7 +210,9 @@ class ActivationLoader:
         order = rng.permutation(len(self.parts)) if self.shuffle else np.arange(len(self.parts))
         buffer: list[_Ref] = []
         window = self.batch_size * self.config.bucket_batches
-        with closing(self._decoded([self.parts[i] for i in order], self.config.prefetch_parts)) as parts:
+        epoch = self.epoch  # read once: the decode threads must not see a later set_epoch
+        read = lambda part: self._read_epoch(part, epoch)  # noqa: E731
+        with closing(self._decoded([self.parts[i] for i in order], self.config.prefetch_parts, read)) as parts:
             for part in parts:
                 buffer.extend((part, i) for i in range(part.info.n_examples))
                 if not self.shuffle:  # whole batches in order; the rest waits for the next part
@@ -207,18 +248,36 @@ class ActivationLoader:
             yield sorted(refs[start : start + window], key=lambda r: int(r[0].length[r[1]]))
 
     # ------------------------------------------------------------------ decoding and padding
-    def _read(self, part) -> PartData:
-        return self.store.read_part(part, layers=self.layers)
+    def _read(self, part, view: int = 0) -> PartData:
+        if view == 0:  # the call a store without views has always had (wrappers of read_part keep working)
+            return self.store.read_part(part, layers=self.layers)
+        return self.store.read_part(part, layers=self.layers, view=view)
 
-    def _decoded(self, parts: list[PartInfo], ahead: int) -> Iterator[PartData]:
-        """``parts`` decoded in order on the decode threads, at most ``ahead`` beyond the one handed out."""
+    def _read_epoch(self, part: PartInfo, epoch: int) -> PartData:
+        """A part as epoch ``epoch`` serves it (stream mode): rotate decodes the epoch's one view; random
+        decodes the n views and keeps, per example, the rows of the view it drew."""
+        if self.n_views == 1:
+            return self._read(part)
+        if self.view_schedule == "rotate":
+            return self._read(part, epoch % self.n_views)
+        decoded = [self._read(part, view) for view in range(self.n_views)]
+        return _mixed(decoded, self.epoch_views(decoded[0].example_id, epoch))
+
+    def _read_views(self, part: PartInfo) -> list[PartData]:
+        """The n views served, each decoded (memory mode holds them all)."""
+        return [self._read(part, view) for view in range(self.n_views)]
+
+    def _decoded(self, parts: list[PartInfo], ahead: int, read: Callable | None = None) -> Iterator:
+        """``parts`` decoded in order on the decode threads (by ``read``, default one view 0 each), at most
+        ``ahead`` beyond the one handed out."""
+        read = read or self._read
         with ThreadPoolExecutor(self.config.decode_threads) as pool:
             # Part k + ahead is submitted when part k is handed out, not earlier: one more in flight would be
             # one more decoded part in memory.
-            futures = [pool.submit(self._read, p) for p in parts[:ahead]]
+            futures = [pool.submit(read, p) for p in parts[:ahead]]
             for k in range(len(parts)):
                 if k + ahead < len(parts):
-                    futures.append(pool.submit(self._read, parts[k + ahead]))
+                    futures.append(pool.submit(read, parts[k + ahead]))
                 part = futures[k].result()
                 futures[k] = None  # the consumer holds the only reference from here on
                 yield part
@@ -226,20 +285,25 @@ class ActivationLoader:
 
     def _read_resident(self) -> "_Resident":
         """The whole split decoded into one :class:`_Resident` part, filled part by part as they decode (a
-        split never exists twice in memory, as it would if the parts were decoded first and concatenated)."""
+        split never exists twice in memory, as it would if the parts were decoded first and concatenated).
+        With n views served, view v of the split's T token rows sits at rows v*T .. (v+1)*T - 1."""
         n_tokens = sum(p.n_tokens for p in self.parts)
+        n_rows = self.n_views * n_tokens
         columns: dict[str, list[np.ndarray]] = {"example_id": [], "label": [], "length": []}
         layers: dict[int, torch.Tensor] = {}
         scales: dict[int, torch.Tensor] = {}
         row = 0
-        with closing(self._decoded(self.parts, self.config.decode_threads)) as parts:
-            for part in parts:
-                for source, into in ((part.layers, layers), (part.scales, scales)):
-                    for layer, t in source.items():
-                        if layer not in into:  # one extra all-zero row at the end: the padding row
-                            into[layer] = t.new_empty((n_tokens + 1, *t.shape[1:]))
-                            into[layer][n_tokens] = 0
-                        into[layer][row : row + len(t)] = t
+        with closing(self._decoded(self.parts, self.config.decode_threads, self._read_views)) as parts:
+            for views in parts:
+                part = views[0]
+                for view, data in enumerate(views):
+                    at = view * n_tokens + row
+                    for source, into in ((data.layers, layers), (data.scales, scales)):
+                        for layer, t in source.items():
+                            if layer not in into:  # one extra all-zero row at the end: the padding row
+                                into[layer] = t.new_empty((n_rows + 1, *t.shape[1:]))
+                                into[layer][n_rows] = 0
+                            into[layer][at : at + len(t)] = t
                 for name, values in columns.items():
                     values.append(getattr(part, name))
                 row += part.info.n_tokens
@@ -249,7 +313,7 @@ class ActivationLoader:
         labels = _with_padding_target(np.concatenate(columns["label"]), token_targets)
         return _Resident(info=info, example_id=np.concatenate(columns["example_id"]), label=labels, length=lengths,
                          offsets=_offsets(lengths), layers=layers, scales=scales, token_targets=token_targets,
-                         padding_row=n_tokens)
+                         padding_row=n_rows, view_stride=n_tokens)
 
     def _collate(self, refs: list[_Ref]) -> Batch:
         if isinstance(refs[0][0], _Resident):  # memory mode: the split is one part with a zero row
@@ -265,10 +329,13 @@ class ActivationLoader:
         mask = torch.arange(n)[None, :] < torch.from_numpy(lengths)[:, None]  # (B, N)
         ids = [str(example_id) for example_id in source.example_id[rows]]
         starts = source.offsets[rows]
-        index = torch.from_numpy(starts[:, None] + np.arange(n)[None, :])  # (B, N) token rows of the source
-        index = index.masked_fill_(~mask, source.padding_row).view(-1)
-        if source.token_targets:  # one per token, gathered like the layers (the padding row holds IGNORE_INDEX)
-            labels = torch.from_numpy(source.label[index.numpy()].astype(np.int64)).view(b, n)
+        tokens = torch.from_numpy(starts[:, None] + np.arange(n)[None, :])  # (B, N) token rows of the source
+        shift = 0 if source.example_view is None else source.example_view[rows] * source.view_stride
+        # Each example's rows in the view it is served (resident views: view v's rows start at v * T).
+        index = (tokens + torch.as_tensor(shift).view(-1, 1)).masked_fill_(~mask, source.padding_row).view(-1)
+        if source.token_targets:  # one per token, gathered like the layers (the last target is IGNORE_INDEX)
+            targets = tokens.masked_fill(~mask, len(source.label) - 1).view(-1)  # targets are the same every view
+            labels = torch.from_numpy(source.label[targets.numpy()].astype(np.int64)).view(b, n)
         else:
             labels = torch.from_numpy(_as_batch_targets(source.label[rows]))
         hidden = []
@@ -294,6 +361,34 @@ class _Resident(PartData):
     way)."""
 
     padding_row: int = 0
+    view_stride: int = 0  # memory mode with n views: view v of token row r is row v * view_stride + r
+    example_view: np.ndarray | None = None  # this epoch's view of each example (None: view 0)
+
+
+def _draw(seed: int, epoch: int, example_id: str, n: int) -> int:
+    """The view example ``example_id`` is served in ``epoch`` under the random schedule: a hash of (data
+    seed, epoch, id), so it is the same in every run with that seed, whatever the order or the mode."""
+    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{example_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n
+
+
+def _mixed(views: list[PartData], example_view: np.ndarray) -> PartData:
+    """One part whose example i has the rows of ``views[example_view[i]]`` (the views of one part: the same
+    examples, offsets and targets, other hidden states)."""
+    first = views[0]
+    token_view = np.repeat(example_view, np.diff(first.offsets))  # the view of each token row
+    picks = [torch.from_numpy(np.flatnonzero(token_view == v)) for v in range(len(views))]
+
+    def mixed(pick: Callable[[PartData], dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        out = {}
+        for layer, rows in pick(first).items():
+            out[layer] = rows.clone()
+            for v in range(1, len(views)):
+                if len(picks[v]):
+                    out[layer].index_copy_(0, picks[v], pick(views[v])[layer].index_select(0, picks[v]))
+        return out
+
+    return replace(first, layers=mixed(lambda p: p.layers), scales=mixed(lambda p: p.scales))
 
 
 def _compacted(refs: list[_Ref]) -> list[_Ref]:

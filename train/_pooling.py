@@ -64,6 +64,9 @@ def refuse_per_token(head: int | HeadSpec, method: str) -> HeadSpec:
     """``head`` as a HeadSpec, refusing a per-token head for a method that outputs pooled vectors only."""
     spec = head_spec(head)
     if spec.per_token:
+        from ._methods import METHODS  # here, not at the top: the methods' own modules import this one
+
+        fits = sorted(name for name, m in METHODS.items() if m.token_outputs and "tokens" in m.layouts)
         raise ValueError(f"method {method!r} outputs one pooled vector per example; a per-token task (tagging) needs "
-                         "token outputs: use unipt, lst or linear_probe")
+                         f"token outputs: use one of {fits}")
     return spec

@@ -126,6 +126,8 @@ def why_not_stackable(model: nn.Module) -> str | None:
     """Why ``model`` cannot train stacked (None: it can): a stacked step reproduces what depends on the
     parameters alone, and dropout through ``nn.Dropout`` layers; not state that training changes besides the
     parameters, nor random draws elsewhere."""
+    if callable(getattr(model, "regularization", None)):
+        return "it adds its own regularization() to the loss, which the stacked step does not compute"
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
             return f"{name} keeps running statistics that change in training"

@@ -46,8 +46,10 @@ logger = logging.getLogger(__name__)
 EpochHook = Callable[[str, int, "dict[str, float] | None"], bool]
 """``on_epoch(run name, epoch, eval metrics) -> prune?`` (see :func:`fit_many`)."""
 
-PASS_FIELDS = ("batch_size", "train_split", "eval_split", "test_split", "shuffle_seed", "device")
-"""What runs trained in one pass must share: the batches (their size, splits and order) and the device."""
+PASS_FIELDS = ("batch_size", "train_split", "eval_split", "test_split", "shuffle_seed", "device", "views",
+               "view_schedule")
+"""What runs trained in one pass must share: the batches (their size, splits, order and stochastic views) and
+the device."""
 
 
 @dataclass
@@ -75,6 +77,9 @@ class RunResult:
     """The epoch after which a search pruned the run (it left the pass; no test score); None: trained out."""
     stacked: bool = False
     """Whether it trained stacked with other runs of its pass (one batched step for all of them)."""
+    post_train: dict[str, Any] = field(default_factory=dict)
+    """What the method's own phase after the epochs recorded (``Method.finish``; Head2Toe: the chosen keep
+    fraction, every candidate's eval metrics, the feature counts); {} for methods without one."""
 
 
 def _absolute(url: str) -> str:
@@ -117,7 +122,7 @@ def build_model(config: TrainConfig, store: FeatureStore, task: Task | None = No
     method = get_method(config.method)
     method.check_layout(store.layout, f"store {store.url}")
     method.check_task(task, store.layout)
-    model_config = method.make_config(config.model)
+    model_config = method.store_config(config.model, store)  # (a method may complete it from the store)
     layers = resolve_layers(model_config.layers, store.layers)
     widths = [store.layer_widths[l] for l in layers]
     return method.build(model_config, widths, task.head), model_config, layers
@@ -232,7 +237,8 @@ def fit_many(
     # One loader over the union of the runs' layers; each run takes its own layers from every batch.
     layers = sorted({l for config in runs.values() for l in _layers(config, store)})
     train_loader = ActivationLoader(store, first.train_split, layers, batch_size=first.batch_size, shuffle=True,
-                                    seed=first.shuffle_seed, config=loader_config, pin_memory=pin, accelerator=pin)
+                                    seed=first.shuffle_seed, config=loader_config, pin_memory=pin, accelerator=pin,
+                                    views=first.views, view_schedule=first.view_schedule)
     eval_loader = _optional_loader(store, first.eval_split, layers, first.batch_size, loader_config, pin)
     trainers = [_Run(name, config, store, tasks[name], out_dir, device, layers, len(train_loader))
                 for name, config in runs.items()]
@@ -240,6 +246,8 @@ def fit_many(
         if resume and _resume.restore_state(run, identity):
             logger.info("%s: resuming after epoch %d (step %d)", run.name, run.epochs_done, run.step)
             log.write(run=run.name, resumed_after_epoch=run.epochs_done, step=run.step)
+        elif (prepare := get_method(run.config.method).prepare) is not None:
+            prepare(run, train_loader, eval_loader)
 
     # Runs resumed from different epochs (a kill between two runs' saves) catch up: an epoch's pass steps the
     # runs whose next epoch it is, so each run sees the batches of its own epoch.
@@ -260,6 +268,10 @@ def fit_many(
             if on_epoch is not None and on_epoch(run.name, epoch + 1, metrics) and not run.done:
                 run.prune(epoch + 1, log)  # (a run that has just finished is not pruned)
             _resume.save_state(run, identity)
+
+    for run in trainers:  # a method's own phase after its epochs (Head2Toe: feature selection, retraining)
+        if (finish := get_method(run.config.method).finish) is not None and run.pruned_at is None:
+            finish(run, train_loader, eval_loader, log)
 
     test_metrics: list[dict[str, float] | None] = [None] * len(trainers)
     test_loader = _optional_loader(store, first.test_split, layers, first.batch_size, loader_config, pin)
@@ -302,6 +314,7 @@ class _Run:
     def __init__(self, name: str, config: TrainConfig, store: FeatureStore, task: Task, out_dir: str | Path,
                  device: torch.device, loader_layers: list[int], steps_per_epoch: int):
         self.name, self.config, self.device, self.task = name, config, device, task
+        self.stackable = get_method(config.method).stackable
         self.select_metric = task.check_metric(config.select_metric)
         torch.manual_seed(config.seed)
         model, model_config, layers = build_model(config, store, task)
@@ -328,6 +341,7 @@ class _Run:
         self.stacked = False  # set by the stepper that steps it with others
         self.stack_state: dict = {}  # a stacked group's measured choice, kept across epochs (see _stacked)
         self.history: list[dict[str, Any]] = []
+        self.post_train: dict[str, Any] = {}  # set by the method's finish phase, if it has one
 
     def start_epoch(self) -> None:
         self.model.train()
@@ -342,6 +356,8 @@ class _Run:
             with _autocast(self.device):
                 outputs = self.model([batch.hidden_states[i] for i in self.pick], batch.mask)
             loss = self.task.loss(outputs.float(), batch.labels)
+            if (regularization := getattr(self.model, "regularization", None)) is not None:
+                loss = loss + regularization()  # a model's own penalty (Head2Toe's group lasso)
             descend(self, loss, len(batch))
         self.record_step(loss, batch)
 
@@ -400,7 +416,8 @@ class _Run:
                          train_examples_per_s=self.seen / max(self.train_seconds, 1e-9),
                          checkpoint=_absolute(self.checkpoint), history=self.history,
                          config=config_dict(self.config), runs_in_pass=runs_in_pass, task=self.task.kind,
-                         select_metric=self.select_metric, pruned_at=self.pruned_at, stacked=self.stacked)
+                         select_metric=self.select_metric, pruned_at=self.pruned_at, stacked=self.stacked,
+                         post_train=self.post_train)
 
 
 def descend(run, loss: torch.Tensor, examples: int) -> None:
@@ -462,7 +479,7 @@ def _check_one_pass(runs: Mapping[str, TrainConfig]) -> None:
 
 
 def _layers(config: TrainConfig, store: FeatureStore) -> list[int]:
-    return resolve_layers(get_method(config.method).make_config(config.model).layers, store.layers)
+    return resolve_layers(get_method(config.method).store_config(config.model, store).layers, store.layers)
 
 
 class _RandomStream:

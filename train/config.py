@@ -8,12 +8,14 @@ from typing import Any
 SCHEDULES = ("cosine", "linear", "constant")
 LOADER_MODES = ("auto", "memory", "stream")
 STACK_MODES = ("auto", "on", "off")
+VIEW_SCHEDULES = ("rotate", "random", "eval")
 
 
 @dataclass
 class TrainConfig:
     method: str = "unipt"
-    """Which side network / baseline to train (a folder under train/: unipt, linear_probe, scalar_mix, lst)."""
+    """Which side network / baseline to train (a folder under train/: unipt, unipt_cnn, lst, restuning,
+    side4video, sherl, head2toe, scalar_mix, linear_probe; docs/methods.md compares them)."""
     model: dict[str, Any] = field(default_factory=dict)
     """The method's own config (e.g. UniPTConfig fields: reduction, layers, ...)."""
     lr: float = 5e-4
@@ -58,6 +60,16 @@ class TrainConfig:
     and backward for all of them, each keeping its own optimiser, schedule and random stream): "on", "off", or
     "auto" = stack where the first batches of the pass measure it faster than stepping the runs in turn."""
 
+    views: int = 0
+    """Stochastic views of the train split to serve (a store extracted with extract.views = K): the first
+    `views` of the K stored (0 = all; 1 = the eval-mode view 0 only). More than the store has is refused."""
+    view_schedule: str = "rotate"
+    """Which view each example is served per epoch: "rotate" (epoch e: view e mod n for every example; each
+    part decodes one view), "random" (per example and epoch, drawn from a hash of data seed, epoch and id;
+    stream mode decodes all n views of every part, n times the decoding) or "eval" (always view 0). Memory
+    mode holds the n views: n times the memory. Evaluation and test splits always read view 0. A store
+    without views serves view 0 whatever these say."""
+
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
@@ -73,6 +85,10 @@ class TrainConfig:
             raise ValueError(f"stack must be one of {STACK_MODES}, got {self.stack!r}")
         if not isinstance(self.select_metric, str):
             raise ValueError(f"select_metric must be a metric's name, got {self.select_metric!r}")
+        if self.views < 0:
+            raise ValueError(f"views must be >= 0 (0 = every stored view), got {self.views}")
+        if self.view_schedule not in VIEW_SCHEDULES:
+            raise ValueError(f"view_schedule must be one of {VIEW_SCHEDULES}, got {self.view_schedule!r}")
 
     @property
     def shuffle_seed(self) -> int:

@@ -30,7 +30,8 @@ from unipt.pipelines._online import (
 from unipt.store import FeatureStore
 from unipt.train import ActivationLoader, LoaderConfig, MetricsLog, TrainConfig, build_model, count_trainable, fit
 
-METHOD_OPTIONS = {"online_unipt": {"reduction": 2}, "full_finetune": {}, "lora": {"r": 4, "alpha": 8}}
+METHOD_OPTIONS = {"online_unipt": {"reduction": 2}, "online_unipt_train": {"reduction": 2}, "full_finetune": {},
+                  "lora": {"r": 4, "alpha": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +196,27 @@ def test_backbone_is_frozen_by_online_unipt(source, backbone):
     after = model.backbone.state_dict()
     assert all(torch.equal(backbone_before[k], after[k]) for k in backbone_before)
     assert any(not torch.equal(side_before[k], v) for k, v in model.side.state_dict().items())
+
+
+def test_train_mode_reference_runs_the_frozen_backbone_with_dropout(source, backbone):
+    """online_unipt_train: the backbone's dropout is on while training (two forwards of one batch differ),
+    off in evaluation (they agree); its weights never change."""
+    model, config = fresh_model(backbone, "online_unipt_train")
+    assert model.backbone.config.hidden_dropout_prob > 0  # the tiny BERT has dropout to switch on
+    features = tokenize_splits(load_source(source), model.encoder, ["train"])["train"].features[:8]
+
+    def last_hidden() -> torch.Tensor:
+        return model.encoder.hidden_states(features)[0][-1]  # the backbone's own output, not the side network's
+
+    model.train()
+    assert model.backbone.training and all(m.training for m in model.backbone.modules() if isinstance(m, nn.Dropout))
+    assert not torch.equal(last_hidden(), last_hidden())
+    model.eval()
+    assert torch.equal(last_hidden(), last_hidden()) and torch.equal(model(features), model(features))
+    backbone_before = snapshot(model.backbone)
+    train_one_epoch(model, config, source)
+    assert all(torch.equal(backbone_before[k], v) for k, v in model.backbone.state_dict().items())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
 def test_backbone_is_trained_by_full_finetune(source, backbone):

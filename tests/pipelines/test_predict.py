@@ -33,13 +33,15 @@ def texts(csv_path) -> dict[str, str]:
     return {ex.id: ex.text for examples in data.splits.values() for ex in examples}
 
 
-def trained_checkpoint(model_dir: Path, csv_path: Path, workdir: Path, dtype: str, model: dict, name: str) -> Path:
+def trained_checkpoint(model_dir: Path, csv_path: Path, workdir: Path, dtype: str, model: dict, name: str,
+                       method: str = "unipt") -> Path:
     """Extract a ``dtype`` store of the CSV with the tiny BERT (or reuse it), train a side network on it for a few
     steps."""
     url = str(workdir / f"{dtype}.zarr")
     run_extraction(SourceConfig(path=str(csv_path)), BackboneConfig(model=str(model_dir), device="cpu"),
                    ExtractConfig(dtype=dtype, part_size=16, batch_size=6), url, progress=False)
-    config = TrainConfig(epochs=1, max_steps=4, batch_size=8, lr=1e-2, device="cpu", model=model, test_split="")
+    config = TrainConfig(method=method, epochs=1, max_steps=4, batch_size=8, lr=1e-2, device="cpu", model=model,
+                         test_split="")
     return Path(fit(name, FeatureStore.open(url), config, workdir / "runs", progress=False).checkpoint)
 
 
@@ -52,6 +54,8 @@ def checkpoints(tiny_bert_dir, csv_path, tmp_path_factory) -> dict[str, Path]:
         "int8": trained_checkpoint(tiny_bert_dir, csv_path, workdir, "int8", {"reduction": 2}, "int8"),
         "layer_subset": trained_checkpoint(tiny_bert_dir, csv_path, workdir, "float32",
                                            {"reduction": 4, "layers": [0, 2]}, "subset"),
+        # SHERL runs the backbone's frozen last block itself: predict hands it the backbone folder it found
+        "sherl": trained_checkpoint(tiny_bert_dir, csv_path, workdir, "float32", {"reduction": 2}, "sherl", "sherl"),
     }
 
 
@@ -88,6 +92,17 @@ def test_predictor_logits_equal_the_cached_path(checkpoints, texts, name):
 
     # forward() on one padded batch gives the same logits as predict()'s length-sorted batches
     torch.testing.assert_close(predictor([texts[i] for i in ids[:9]]), expected[:9], atol=1e-5, rtol=1e-5)
+
+
+def test_sherl_predicts_as_the_cached_path_with_the_backbone_passed_to_predict(checkpoints, texts, tiny_bert_dir,
+                                                                              tmp_path):
+    moved = shutil.copytree(tiny_bert_dir, tmp_path / "moved-bert")  # not the folder the checkpoint recorded
+    predictor = SideNetworkPredictor.from_checkpoint(checkpoints["sherl"], str(moved), device="cpu")
+    assert predictor.layers == [0, 1]  # H_0 .. H_{L-1}: the frozen last block makes H_L itself
+    cached = cached_logits(checkpoints["sherl"])
+    ids, logits = predicted_logits(predictor, texts)
+    torch.testing.assert_close(logits, torch.stack([cached[i] for i in ids]), atol=1e-5, rtol=1e-5)
+    assert logits.std(dim=0).min() > 1e-3
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])

@@ -147,7 +147,7 @@ def test_overrides_are_typed_and_unknown_keys_are_refused(capsys):
         load_recipe("tweets-minilm", ["extract.batchsize=4"])
     with pytest.raises(ValueError, match=r"unknown unipt model option\(s\) \['reductoin'\]; valid: .*'reduction'"):
         load_recipe("tweets-minilm", ["train.unipt.model.reductoin=4"])
-    with pytest.raises(ValueError, match=r"unknown method 'lora'; available: \['linear_probe', 'lst', 'scalar_mix', 'unipt', 'unipt_cnn'\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'lora'; available: \[.*'linear_probe', 'lst', .*'scalar_mix', .*'unipt', 'unipt_cnn'\]"):
         load_recipe("tweets-minilm", ["train.unipt.method=lora"])
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         load_recipe("tweets-minilm", ["train.unipt.lr"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_checkpoint_rebuilds, random_hidden, randomise_params, write_store_recipe, write_tiny_store
+from conftest import (assert_checkpoint_rebuilds, pad_with_garbage, random_hidden, randomise_params,
+                     reference_layer_norm, reference_linear, write_store_recipe, write_tiny_store)
 from unipt.pipelines import build_recipe, load_recipe, train_stage
 from unipt.store import FeatureStore
 from unipt.train import (LST, LoaderConfig, LSTClassifier, LSTConfig, TrainConfig, fit, get_method, load_checkpoint,
@@ -19,22 +20,12 @@ LOADER = LoaderConfig(mode="memory", background="off")
 
 
 # --------------------------------------------------------------------------- reference implementation
-def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
-    return x @ lin.weight.T + lin.bias
-
-
-def _layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)  # biased variance, as LayerNorm
-    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
-
-
 def _side_block(block: torch.nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
     """Pre-norm transformer block on one example's real tokens x (n, w), one attention head at a time."""
     attn = block.self_attn
     heads, w = attn.num_heads, x.shape[-1]
     dh = w // heads
-    h = _layer_norm(x, block.norm1)
+    h = reference_layer_norm(x, block.norm1)
     wq, wk, wv = attn.in_proj_weight.chunk(3)
     bq, bk, bv = attn.in_proj_bias.chunk(3)
     q, k, v = h @ wq.T + bq, h @ wk.T + bk, h @ wv.T + bv
@@ -43,9 +34,9 @@ def _side_block(block: torch.nn.TransformerEncoderLayer, x: torch.Tensor) -> tor
         cols = slice(i * dh, (i + 1) * dh)
         scores = q[:, cols] @ k[:, cols].T / math.sqrt(dh)  # (n, n): every key is a real token
         outs.append(torch.softmax(scores, dim=-1) @ v[:, cols])
-    x = x + _linear(torch.cat(outs, dim=-1), attn.out_proj)
-    h = _layer_norm(x, block.norm2)
-    return x + _linear(torch.relu(_linear(h, block.linear1)), block.linear2)
+    x = x + reference_linear(torch.cat(outs, dim=-1), attn.out_proj)
+    h = reference_layer_norm(x, block.norm2)
+    return x + reference_linear(torch.relu(reference_linear(h, block.linear1)), block.linear2)
 
 
 def reference_lst(model: LSTClassifier, hidden_states, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -58,14 +49,14 @@ def reference_lst(model: LSTClassifier, hidden_states, mask) -> tuple[torch.Tens
     for b in range(mask.shape[0]):
         real = mask[b].nonzero().squeeze(-1)
         hs = [h[b, real] for h in hidden_states]  # (n_b, D_i)
-        s = _linear(hs[0], side.first)  # s = W_first · H_0
+        s = reference_linear(hs[0], side.first)  # s = W_first · H_0
         for i, h in enumerate(hs[1:]):
             mu = 1.0 / (1.0 + math.exp(-side.alpha[i].item() / side.gate_temperature))
-            s = mu * s + (1 - mu) * _linear(h, side.down[i])
+            s = mu * s + (1 - mu) * reference_linear(h, side.down[i])
             s = _side_block(side.blocks[i], s)
-        y = _linear(_layer_norm(s, side.norm), side.up)  # (n_b, D)
+        y = reference_linear(reference_layer_norm(s, side.norm), side.up)  # (n_b, D)
         ys.append(y)
-        logits.append(_linear(y.mean(0), model.head.classifier))
+        logits.append(reference_linear(y.mean(0), model.head.classifier))
     return torch.stack(logits), ys
 
 
@@ -163,16 +154,6 @@ def test_widths_and_parameter_shapes():
 
 
 # --------------------------------------------------------------------------- padding and masking
-def pad_with_garbage(hs, mask, extra: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    b, n = mask.shape
-    hs2 = [torch.cat([h, torch.randn(b, extra, h.shape[-1], generator=g, dtype=h.dtype) * 50], dim=1) for h in hs]
-    for h, h2 in zip(hs, hs2):  # garbage also in the already-padded positions
-        h2[:, :n][~mask] = torch.randn(int((~mask).sum()), h.shape[-1], generator=g, dtype=h.dtype) * 50
-    mask2 = torch.cat([mask, torch.zeros(b, extra, dtype=torch.bool)], dim=1)
-    return hs2, mask2
-
-
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
 def test_padding_invariance(grad):
     model = make_lst(seed=5).double()

@@ -184,6 +184,10 @@ def test_a_sweep_killed_at_random_moments_resumes_to_the_same_checkpoints(stack,
         a = load_file(str(tmp_path / "reference" / "checkpoints" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "killed" / "checkpoints" / name / "model.safetensors"))
         for key in a:
+            if stack == "on" and key == "side.gate.bias":
+                # Its true gradient is 0 (the softmax over layers ignores a shared offset): AdamW turns rounding
+                # noise into steps of about lr, so batched and unbatched steps drift apart (as in test_stacked).
+                continue
             torch.testing.assert_close(b[key], a[key], rtol=0 if stack == "off" else 1e-4,
                                        atol=0 if stack == "off" else 1e-5, msg=f"{name} {key}")
         leftovers = [p.name for p in (tmp_path / "killed" / "checkpoints" / name).iterdir() if p.name.startswith(".tmp-")]

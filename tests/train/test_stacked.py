@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.func import vmap
 
-from conftest import write_tiny_store
-from unipt.store import IGNORE_INDEX, FeatureStore
+from conftest import write_tagging_store, write_tiny_store
+from unipt.store import FeatureStore
 from unipt.train import LinearProbeConfig, LoaderConfig, TrainConfig, fit_many
 from unipt.train import _methods, _stacked, _trainer
 from unipt.train._stacked import AutoStack, StackedRuns, Unstackable, why_not_stackable
@@ -52,27 +52,7 @@ def wide_store(tmp_path_factory) -> FeatureStore:
 
 @pytest.fixture(scope="module")
 def tagging_store(tmp_path_factory) -> FeatureStore:
-    """A per-token task: each token's tag is the direction it carries (the first token of each example is not
-    scored, as a special token would not be)."""
-    url, widths, tags = str(tmp_path_factory.mktemp("stacked-tags") / "store.zarr"), (16, 16, 16), ["x", "y", "z"]
-    store = FeatureStore.create(url, layers=[0, 1, 2], layer_widths=list(widths), dtype="float32", label_names=tags,
-                                task="tagging",
-                                provenance={"backbone": {"weights_sha256": "tiny", "tokenizer_sha256": "tiny"}})
-    g = torch.Generator().manual_seed(0)
-    directions = [torch.randn(3, w, generator=g) for w in widths]
-    start = 0
-    for split, n in (("train", 40), ("validation", 12), ("test", 12)):
-        lengths = [2 + (5 * k) % 7 for k in range(n)]
-        writer = store.part_writer(split, 0, n_examples=n, n_tokens=sum(lengths), source_start=start)
-        targets = []
-        for length in lengths:
-            token_tags = torch.randint(0, 3, (length,), generator=g)
-            writer.append({l: torch.randn(length, w, generator=g) + 1.5 * directions[l][token_tags]
-                           for l, w in enumerate(widths)})
-            targets += [IGNORE_INDEX, *token_tags[1:].tolist()]
-        writer.finish([f"{split}-{k:03d}" for k in range(n)], targets, lengths)
-        start += n
-    return FeatureStore.open(url)
+    return write_tagging_store(str(tmp_path_factory.mktemp("stacked-tags") / "store.zarr"))
 
 
 def with_stack(runs: dict[str, TrainConfig], stack: str) -> dict[str, TrainConfig]:

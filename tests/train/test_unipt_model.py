@@ -7,23 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import conftest
-from conftest import random_hidden
+from conftest import pad_with_garbage, random_hidden, reference_layer_norm, reference_linear
 from unipt.train import UniPT, UniPTClassifier, UniPTConfig
 
 WIDTHS = (12, 7, 20, 16)  # layers of different widths; the last (16) is the anchor
 
 
 # --------------------------------------------------------------------------- reference implementation
-def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
-    return x @ lin.weight.T + lin.bias
-
-
-def _layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)  # biased variance, as LayerNorm
-    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
-
-
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mean_M(X) = sum_n M_n X_n / max(sum_n M_n, 1); x (B, N, m), mask (B, N)."""
     total = (x * mask[:, :, None]).sum(1)
@@ -38,7 +28,7 @@ def reference_unipt(model: UniPT, hidden_states, mask, *, return_parts: bool = F
     """DESIGN.md, "The UniPT side network", steps 1-5, with a plain Python loop over target layers."""
     M = mask.to(hidden_states[0].dtype)
     # 1. X_l = LayerNorm_l(Linear_l(H_l))
-    xs = [_layer_norm(_linear(h, seq[0]), seq[1]) for seq, h in zip(model.down, hidden_states)]
+    xs = [reference_layer_norm(reference_linear(h, seq[0]), seq[1]) for seq, h in zip(model.down, hidden_states)]
     # 2. anchor
     A = xs[-1]
     a = _masked_mean(A, M)
@@ -53,12 +43,12 @@ def reference_unipt(model: UniPT, hidden_states, mask, *, return_parts: bool = F
         ps.append(P)
         # 4. t_l = mean_M(X_l); c_l = g(a * t_l)
         t = _masked_mean(X, M)
-        cs.append(_linear(a * t, model.gate).squeeze(-1))
+        cs.append(reference_linear(a * t, model.gate).squeeze(-1))
     alpha = torch.softmax(torch.stack(cs, dim=1), dim=1)  # (B, L)
     Z = sum(alpha[:, l, None, None] * zs[l] for l in range(len(zs)))
     # 5. O = A + Proj(Z); Y = up(relu(O))
-    O = A + _layer_norm(_linear(Z, model.proj[0]), model.proj[1])
-    Y = _linear(torch.relu(O), model.up)
+    O = A + reference_layer_norm(reference_linear(Z, model.proj[0]), model.proj[1])
+    Y = reference_linear(torch.relu(O), model.up)
     if return_parts:
         return Y, {"xs": xs, "P": ps, "alpha": alpha, "Z": Z}
     return Y
@@ -172,17 +162,6 @@ def test_classifier_uses_config():
 
 
 # --------------------------------------------------------------------------- padding and masking
-def pad_with_garbage(hs, mask, extra: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    b, n = mask.shape
-    hs2 = [torch.cat([h, torch.randn(b, extra, h.shape[-1], generator=g, dtype=h.dtype) * 50], dim=1) for h in hs]
-    # garbage also in the already-padded positions
-    for h, h2 in zip(hs, hs2):
-        h2[:, :n][~mask] = torch.randn(int((~mask).sum()), h.shape[-1], generator=g, dtype=h.dtype) * 50
-    mask2 = torch.cat([mask, torch.zeros(b, extra, dtype=torch.bool)], dim=1)
-    return hs2, mask2
-
-
 def test_padding_invariance_side_network_and_classifier():
     torch.manual_seed(0)
     clf = UniPTClassifier(UniPTConfig(reduction=2, dropout=0.1), WIDTHS, num_labels=3).double().eval()
@@ -263,7 +242,7 @@ def test_identity_term_when_scores_are_all_zero():
         model.down[0][1].weight.fill_(1.3)
         model.down[0][1].bias.fill_(-0.5)
     hs, mask = random_inputs([4, 2, 3], widths=(10, 7), seed=15)
-    x0 = _layer_norm(_linear(hs[0], model.down[0][0]), model.down[0][1])
+    x0 = reference_layer_norm(reference_linear(hs[0], model.down[0][0]), model.down[0][1])
     anchor = torch.ones(m, dtype=torch.float64)
     assert torch.all(x0 @ anchor < 0)
     assert x0.std() > 0.5  # X_0 is not a constant: the check below is not vacuous
@@ -278,8 +257,8 @@ def test_identity_term_plus_attention_with_single_target():
     model = make_model(widths=(10, 7), reduction=1, seed=16)
     hs, mask = random_inputs([4, 3], widths=(10, 7), seed=16)
     with torch.no_grad():
-        x0 = _layer_norm(_linear(hs[0], model.down[0][0]), model.down[0][1])
-        a = _layer_norm(_linear(hs[1], model.down[1][0]), model.down[1][1])
+        x0 = reference_layer_norm(reference_linear(hs[0], model.down[0][0]), model.down[0][1])
+        a = reference_layer_norm(reference_linear(hs[1], model.down[1][0]), model.down[1][1])
     expected = []
     for b in range(2):
         rows = []

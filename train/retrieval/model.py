@@ -46,10 +46,14 @@ class FrozenMean(nn.Module):
 
 
 TOWER_METHODS: dict[str, Method] = {
-    **METHODS,
+    # The two-tower trainer builds a tower from its config and the layer widths and steps it, nothing else: a
+    # method that completes its config from the store (SHERL's backbone block) or has a phase of its own after
+    # the epochs (Head2Toe's feature selection) is not a tower yet.
+    **{name: method for name, method in METHODS.items() if method.bind is None and method.finish is None},
     "frozen": Method("frozen", FrozenConfig, FrozenMean, ("tokens", "maps"), token_outputs=False),
 }
-"""Methods a tower can be: every side network and baseline, plus ``frozen`` (no training)."""
+"""Methods a tower can be: the side networks and baselines that need only their config, plus ``frozen`` (no
+training)."""
 
 
 def get_tower_method(name: str) -> Method:
