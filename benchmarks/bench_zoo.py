@@ -236,11 +236,12 @@ def zoo(args) -> None:
             results.append(row)
         saved.write_text(json.dumps(state, indent=2))
 
-    launch(jobs, args.jobs, save)
-    if args.no_timing:  # the timing pass needs the machine to itself: run it (with --resume) later
+    if not args.report_only:
+        launch(jobs, args.jobs, save)
+    if args.no_timing and not args.report_only:  # the timing pass needs the machine to itself: run it later
         return
     timing = state.setdefault("timing", {})
-    for name in names:  # alone on the machine: one epoch of seed 0, every core
+    for name in names if not args.report_only else ():  # alone on the machine: one epoch of seed 0, every core
         if name not in timing or not args.resume:
             (row,) = launch([dict(dataset=dataset, name=name, seed=-1, kind="cached", store=str(store), tag="timing",
                                   threads=os.cpu_count(),
@@ -248,20 +249,26 @@ def zoo(args) -> None:
             timing[name] = row["epoch_seconds"]
             save()
     rows = summarise(results, names, timing)
+    missing = [n for n in names if not any(r["name"] == n for r in rows)]
+    timed = all(n in timing for n in names if n not in missing)
+    seconds = ("s / epoch: a separate pass, one epoch of seed 0 per method, alone on the machine with all its cores"
+               if timed else "s / epoch: the runs' own epochs, timed while up to four such processes shared the two "
+               "cores (no separate timing pass was run for this table), so read it as a rough ranking only")
     spec = DATASETS[dataset]
     extraction = state.get("extraction")
     lines = [f"## Method zoo: {spec['title']}", "",
              f"Machine: {machine()}.",
              f"Every method trains from one store ({store_mib(store):.0f} MiB, float16 + lz4, parts of {PART_SIZE}"
              + (f"; extracted once in {extraction['seconds']:.0f} s" if extraction else "")
-             + f"). Mean ± std over {args.seeds} seeds; side networks {spec['epochs']} epochs, probes and Head2Toe "
+             + f"). Mean ± std over the seeds column (up to {args.seeds}); side networks {spec['epochs']} epochs, probes and Head2Toe "
              f"{spec['probe_epochs']}; the best epoch on validation is scored on test. Memory: "
              f"{rows[0]['memory'] if rows else ''} of a fresh process per run, streaming the store (a "
              f"{STREAM['shuffle_buffer']}-example shuffle buffer, {STREAM['prefetch_parts']} part decoded ahead), "
-             f"{args.jobs} run(s) at a time on {args.threads} torch thread(s) each. s / epoch: a separate pass, one "
-             f"epoch of seed 0 per method, alone on the machine with all its cores. Command: "
+             f"{args.jobs} run(s) at a time on {args.threads} torch thread(s) each. {seconds}. Command: "
              f"`python benchmarks/bench_zoo.py --dataset {dataset} --seeds {args.seeds} --jobs {args.jobs} "
-             f"--threads {args.threads} --write docs/benchmarks.md`.", ""]
+             f"--threads {args.threads} --write docs/benchmarks.md`."
+             + (f" Not run on this backbone yet (the command with --resume adds them): {', '.join(missing)}; "
+                "the seeds column says how many seeds each row has." if missing else ""), ""]
     publish(f"zoo-{dataset}", lines + table(rows) + head2toe_choices(folder), args.write)
 
 
@@ -309,8 +316,10 @@ def views_study(args) -> None:
             if not any(r["name"] == name and r["seed"] == s for r in results):
                 jobs.append(dict(dataset=dataset, name=name, seed=s, kind="online", method=method, threads=args.threads,
                                  label=name))
-    launch(jobs, args.jobs, save)
+    if not args.report_only:
+        launch(jobs, args.jobs, save)
     rows = summarise(results, [*VIEW_RUNS, *ONLINE_RUNS])
+    missing = [n for n in [*VIEW_RUNS, *ONLINE_RUNS] if not any(r["name"] == n for r in rows)]
     sizes = {name: f"{store_mib(store, k):.0f}" for name, k in VIEW_RUNS.items()}
     extraction = state.get("extraction", {})
     lines = ["## Stochastic views: UniPT from K cached views vs the online references (tweets, all-MiniLM-L6-v2)", "",
@@ -325,7 +334,8 @@ def views_study(args) -> None:
              "bytes a K-view store holds (train views 0 .. K-1 plus the evaluation splits)."
              + (f" Extraction of the {VIEWS}-view store: {extraction['seconds']:.0f} s." if extraction else "")
              + f" Command: `python benchmarks/bench_zoo.py --views --seeds {args.seeds} --jobs {args.jobs} "
-             f"--threads {args.threads} --write docs/benchmarks.md`.", ""]
+             f"--threads {args.threads} --write docs/benchmarks.md`."
+             + (f" Not run yet (the command with --resume adds them): {', '.join(missing)}." if missing else ""), ""]
     publish("zoo-views", lines + table(rows, sizes), args.write)
 
 
@@ -369,6 +379,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each a fresh process)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--resume", action="store_true", help="keep the runs (and store) a previous call finished")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the table from the saved runs (no training, no timing pass)")
     parser.add_argument("--no-timing", action="store_true",
                         help="train and save the runs only; the timing pass and the table come with a later --resume")
     parser.add_argument("--write", metavar="MARKDOWN", help="replace this benchmark's section in that file")
