@@ -329,8 +329,9 @@ def views_study(args) -> None:
              "eval-mode only. A K-view run reads the first K views, rotating: epoch e reads view e mod K. The "
              "online references run the backbone in the loop on raw text, in eval mode or with its dropout on "
              f"(the official protocol). {DATASETS[dataset]['epochs']} epochs, lr 5e-4, batch 32, mean ± std over "
-             f"the seeds column; memory: peak RSS above idle of a fresh process per run, {args.jobs} run(s) at a "
-             f"time on {args.threads} torch thread(s) each, which also times the epochs here. Store column: the "
+             f"the seeds column; memory: peak RSS above idle of a fresh process per run, on {args.threads} torch "
+             "thread(s) each; s / epoch is timed in those runs while other runs shared the two cores, so read it "
+             "loosely. Store column: the "
              "bytes a K-view store holds (train views 0 .. K-1 plus the evaluation splits)."
              + (f" Extraction of the {VIEWS}-view store: {extraction['seconds']:.0f} s." if extraction else "")
              + f" Command: `python benchmarks/bench_zoo.py --views --seeds {args.seeds} --jobs {args.jobs} "
