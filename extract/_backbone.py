@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -13,12 +12,13 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from unipt.store import files_sha256, weight_files
+
 from ._resolve import CONVERT_SCHEME, ensure_converted, resolve_path
 from ._sources import Skipped
 from ._targets import align_tags
 from .config import BackboneConfig
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Everything that turns a raw input into the model's input: a text model's tokenizer files, an image
 # model's processor config (recorded together as "tokenizer_sha256").
 _TOKENIZER_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "vocab.json",
@@ -44,23 +44,12 @@ def resolve_model_dir(spec: str, revision: str | None = None) -> Path:
         ) from exc
 
 
-def files_sha256(folder: Path, names: Sequence[str]) -> str:
-    """sha256 over (name, content) of the given files, in name order; the folder's location is left out."""
-    h = hashlib.sha256()
-    for name in sorted(names):
-        h.update(name.encode())
-        with open(folder / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def backbone_hashes(folder: Path) -> dict[str, str]:
     """sha256 of a model folder's weight files (+ config.json) and of its tokenizer files."""
     files = [p.name for p in folder.iterdir() if p.is_file()]
-    weights = [n for n in files if n.endswith(_WEIGHT_SUFFIXES) or n == "config.json"]
     tokenizer = [n for n in files if n in _TOKENIZER_FILES]
-    return {"weights_sha256": files_sha256(folder, weights), "tokenizer_sha256": files_sha256(folder, tokenizer)}
+    return {"weights_sha256": files_sha256(folder, weight_files(folder)),
+            "tokenizer_sha256": files_sha256(folder, tokenizer)}
 
 
 @dataclass

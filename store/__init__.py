@@ -9,7 +9,7 @@ from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
 from ._format import (CLASSIFICATION, DEFAULT_DTYPE, FORMAT_VERSION, IGNORE_INDEX, MULTILABEL, REGRESSION, TAGGING,
                       TARGETS, TASK_KINDS, layer_key, part_key)
 from ._pairs import PairIndex, SplitPairs, stored_ids
-from ._provenance import ProvenanceMismatch, check_provenance, provenance_diff
+from ._provenance import ProvenanceMismatch, check_provenance, files_sha256, provenance_diff, weight_files
 from ._store import (CorruptChunkError, FeatureStore, IncompleteStoreError, PartData, PartFolder, PartInfo, PartWriter,
                      SplitStatus, StoreError)
 
@@ -33,6 +33,7 @@ __all__ = [
     "SplitStatus",
     "ProvenanceMismatch",
     "check_provenance",
+    "files_sha256",
     "verify",
     "VerifyReport",
     "Problem",
@@ -40,6 +41,7 @@ __all__ = [
     "remove_part",
     "export_webdataset",
     "provenance_diff",
+    "weight_files",
     "FORMAT_VERSION",
     "TASK_KINDS",
     "TARGETS",

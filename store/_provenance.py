@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""A backbone folder's weight files: hashed with its ``config.json`` into provenance's ``weights_sha256``."""
+
+
+def files_sha256(folder: str | Path, names: Sequence[str]) -> str:
+    """sha256 over (name, content) of the given files, in name order; the folder's location is left out."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode())
+        with open(Path(folder) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weight_files(folder: str | Path) -> list[str]:
+    """The files of a backbone folder that its ``weights_sha256`` covers: weights and ``config.json``."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name == "config.json"))
 
 # Fields that describe the software, not the data: they may differ between the writer of a store and
 # a later reader or resumer without changing a single stored value ("location" is where a file was

@@ -14,7 +14,6 @@ and the checkpoint's.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -25,18 +24,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-"""Files hashed into ``weights_sha256`` with ``config.json`` (as extraction hashes a backbone folder)."""
+from unipt.store import files_sha256, weight_files
+
 
 
 def weights_sha256(folder: str | Path) -> str:
-    """sha256 over (name, content) of ``folder``'s weight files and ``config.json``, in name order: the hash
-    extraction records as the store's ``provenance["backbone"]["weights_sha256"]``."""
+    """The hash extraction records as the store's ``provenance["backbone"]["weights_sha256"]``."""
     folder = Path(folder)
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES)
-                                                                       or p.name == "config.json"))
     # A folder is hashed once per content: bind and build (and every run of a sweep) ask for the same one.
-    return _hash_files(str(folder), tuple((n, *_stamp(folder / n)) for n in names))
+    return _hash_files(str(folder), tuple((n, *_stamp(folder / n)) for n in weight_files(folder)))
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -46,13 +42,7 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 @lru_cache(maxsize=16)
 def _hash_files(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.sha256()
-    for name, _, _ in files:
-        h.update(name.encode())
-        with open(Path(folder) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return files_sha256(folder, [name for name, _, _ in files])
 
 
 @dataclass(frozen=True)
