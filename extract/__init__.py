@@ -17,6 +17,7 @@ from ._runner import (
     run_extraction,
 )
 from ._sources import BadInputError, Example, SourceData, hash_unit, load_source, read_rows, text_id
+from ._stream import Piece, SourcePlan, plan_source, source_shards
 from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
 
@@ -52,6 +53,10 @@ __all__ = [
     "extract_part",
     "plan_parts",
     "PartTask",
+    "plan_source",
+    "SourcePlan",
+    "Piece",
+    "source_shards",
     "resolve_extract_layers",
     "BackgroundWriter",
     "ExtractSummary",

@@ -11,12 +11,13 @@ submitted again once that run has committed it or died.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, fields
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -70,40 +71,60 @@ def extract_part_task(backbone: BackboneConfig, store_url: str, task: PartTask, 
     return {**asdict(summary), "deferred": deferred, "pid": os.getpid(), "loads": dict(_LOADS)}
 
 
-def run_on_dask(tasks: Sequence[PartTask], backbone: BackboneConfig, store_url: str, *, batch_size: int,
+def run_on_dask(tasks: Iterable[PartTask], backbone: BackboneConfig, store_url: str, *, batch_size: int,
                 writer_queue: int, vision: dict | None = None, workers: int = 0, scheduler: str | None = None,
-                retries: int = 2,
-                run_id: str | None = None, claim_ttl: float = 120.0, storage_options: dict | None = None,
-                progress: bool = True) -> tuple[ExtractSummary, list[dict]]:
-    """Run ``tasks`` on ``scheduler`` (an existing cluster) or a new local cluster of ``workers`` processes."""
+                retries: int = 2, run_id: str | None = None, claim_ttl: float = 120.0,
+                storage_options: dict | None = None, progress: bool = True,
+                total: int | None = None) -> tuple[ExtractSummary, list[dict]]:
+    """Run ``tasks`` on ``scheduler`` (an existing cluster) or a new local cluster of ``workers`` processes.
+
+    ``tasks`` may be a lazy stream (a streamed source's parts, piece by piece): at most a few tasks per
+    worker are in flight, so the parts' examples never all sit in this process's memory. ``total``: the
+    forward passes to run, for the progress bar (default: counted from ``tasks``, which are then listed).
+    """
     from dask.distributed import as_completed
 
     run_id = run_id or new_run_id()
     store = FeatureStore.open(store_url, mode="r+", storage_options=storage_options)
     summary = ExtractSummary(store=store_url)
     results: list[dict] = []
+    if total is None:
+        tasks = list(tasks)
+        total = sum(t.n_examples * store.views(t.split) for t in tasks)
     with dask_client(workers, scheduler) as client:
+        n_workers = len(client.scheduler_info()["workers"])
+        window = max(2, 2 * n_workers)  # enough queued to keep every worker busy, few enough to stay small
+
+        def submit(task: PartTask):
+            return client.submit(extract_part_task, backbone, store_url, task, batch_size, writer_queue, run_id,
+                                 claim_ttl, storage_options, vision, retries=retries, pure=False,
+                                 key=f"unipt-extract-{task.split}-{task.index}-{time.time_ns()}")
+
         # Forward passes, as in a sequential run: a part of a split with K stochastic views counts K times.
-        with tqdm(total=sum(len(t.examples) * store.views(t.split) for t in tasks), unit="ex", disable=not progress,
-                  dynamic_ncols=True,
-                  desc=f"extract ({len(client.scheduler_info()['workers'])} workers)") as bar, \
-                store.claims(run_id, claim_ttl) as claims:
-            while tasks:
-                futures = {client.submit(extract_part_task, backbone, store_url, task, batch_size, writer_queue,
-                                         run_id, claim_ttl, storage_options, vision, retries=retries, pure=False,
-                                         key=f"unipt-extract-{task.split}-{task.index}-{time.time_ns()}"): task
-                           for task in tasks}
+        with tqdm(total=total, unit="ex", disable=not progress, dynamic_ncols=True,
+                  desc=f"extract ({n_workers} workers)") as bar, store.claims(run_id, claim_ttl) as claims:
+            pending: Iterator[PartTask] = iter(tasks)
+            while True:
+                futures = {submit(task): task for task in itertools.islice(pending, window)}
+                running = as_completed(list(futures))
                 deferred = []
-                for future in as_completed(futures):
+                for future in running:
+                    task = futures.pop(future)
+                    for more in itertools.islice(pending, 1):  # keep the window full
+                        new = submit(more)
+                        futures[new] = more
+                        running.add(new)
                     result = future.result()  # re-raises a task's error once its retries are spent
                     if result["deferred"]:
-                        deferred.append(futures[future])
+                        deferred.append(task)
                         continue
                     results.append(result)
                     _merge(summary, result)
-                    bar.update(len(futures[future].examples) * store.views(futures[future].split))
+                    bar.update(task.n_examples * store.views(task.split))
                 # Parts another run holds: wait for it to commit them (counted there) or to die (redo them).
-                tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
+                pending = iter(wait_for_other_runs(store, claims, deferred, summary, bar))
+                if not deferred:
+                    break
     return summary, results
 
 
@@ -136,7 +157,9 @@ def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Clie
 def _merge(total: ExtractSummary, part: dict[str, Any]) -> None:
     for f in fields(ExtractSummary):
         value = part[f.name]
-        if isinstance(value, dict):
+        if isinstance(value, list):
+            getattr(total, f.name).extend(value)
+        elif isinstance(value, dict):
             target = getattr(total, f.name)
             for k, v in value.items():
                 target[k] = target.get(k, 0) + v

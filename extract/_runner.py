@@ -41,6 +41,7 @@ from ._augment import Augmentation, dropout_seed
 from ._backbone import PreparedPart, TextEncoder
 from ._image_sources import ImageSourceConfig, load_image_source
 from ._sources import Example, SourceData, hash_unit, load_source
+from ._stream import PIECE_ORDER, PartTask, Piece, SourcePlan, plan_source
 from ._targets import target_rows
 from ._vision import VisionEncoder
 from .config import BackboneConfig, ExtractConfig, SourceConfig
@@ -58,6 +59,7 @@ class ExtractSummary:
     examples: dict[str, int] = field(default_factory=dict)  # per split, extracted in this run
     tokens: dict[str, int] = field(default_factory=dict)
     parts_written: int = 0
+    written: list[str] = field(default_factory=list)  # "split/part" of each part this run wrote and committed
     parts_skipped: int = 0  # already committed: resumed past
     parts_by_others: int = 0  # committed meanwhile by another run extracting into the same store
     skipped: dict[str, int] = field(default_factory=dict)  # bad source rows left out, by reason
@@ -104,11 +106,12 @@ class ExtractSummary:
 
 
 @dataclass(frozen=True)
-class PartTask:
+class PartRef:
+    """A part to come back to (another run holds its claim): its examples are read again if it is needed."""
+
     split: str
     index: int
-    start: int  # first example of the part in the split's part order (see plan_parts)
-    examples: Sequence[Example]
+    n_examples: int
 
     @property
     def name(self) -> str:
@@ -208,7 +211,7 @@ _TASK_SETTINGS = ("task", "text_pair_column", "label_delimiter", "target_columns
 _UNSET = {"task": "classification", "text_pair_column": None, "label_delimiter": None, "target_columns": None,
           "group_column": None}
 
-PART_ORDER = "hash"  # recorded in the provenance: stores cut in another order must not be resumed
+PART_ORDER = "hash"  # provenance "part_order" of stores planned from the whole source in memory
 
 
 def plan_parts(split: str, examples: Sequence[Example], part_size: int) -> list[PartTask]:
@@ -224,8 +227,97 @@ def plan_parts(split: str, examples: Sequence[Example], part_size: int) -> list[
             for i in range(math.ceil(len(ordered) / part_size))]
 
 
-def extraction_provenance(source: AnySourceConfig, data: SourceData, encoder: Encoder, config: ExtractConfig,
-                          layers: list[int]) -> dict[str, Any]:
+@dataclass
+class InMemoryPlan:
+    """The plan of a source read whole into memory (:func:`load_examples`): image sources, a ``data`` given
+    by the caller, and stores planned that way before sources were streamed (provenance part_order "hash")."""
+
+    data: SourceData
+    part_size: int
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.data.splits)
+
+    @property
+    def plan(self) -> dict[str, dict[str, int]]:
+        return {split: {"examples": len(examples), "parts": math.ceil(len(examples) / self.part_size)}
+                for split, examples in self.data.splits.items()}
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.data.label_names
+
+    @property
+    def fingerprint(self) -> str:
+        return self.data.fingerprint
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.data.stats
+
+    @property
+    def skipped(self) -> list:
+        return self.data.skipped
+
+    def tasks(self, splits: Sequence[str], skip: dict[str, set[str]] | None = None,
+              want: dict[str, set[str]] | None = None) -> Iterator[PartTask]:
+        for split in splits:
+            for task in plan_parts(split, self.data.splits[split], self.part_size):
+                if task.name not in (skip or {}).get(split, ()) and (want is None or task.name in want.get(split, ())):
+                    yield task
+
+
+Plan = Union[InMemoryPlan, SourcePlan]
+
+
+def plan_extraction(source: AnySourceConfig, config: ExtractConfig, store_url: str, *,
+                    storage_options: dict | None = None, data: SourceData | None = None) -> Plan:
+    """How this run plans the source: streamed piece by piece (text sources), or whole in memory (image
+    sources, ``data`` given, or a store planned that way before: it resumes as it was planned).
+
+    A store planned piece by piece hands its latest source version's pieces to the planner: a source that
+    has grown since is planned as those pieces (checked unchanged) plus new ones."""
+    existing = _existing_store(store_url, storage_options)
+    order = (existing.provenance.get("extraction", {}).get("part_order") if existing is not None else None)
+    if isinstance(source, ImageSourceConfig) or data is not None or order == PART_ORDER:
+        return InMemoryPlan(data or load_examples(source), config.part_size)
+    version = existing.source_version() if existing is not None else None
+    recorded_layout = (existing.provenance.get("extraction", {}).get(k) for k in ("part_size", "block_rows")) \
+        if existing is not None else ()
+    if tuple(recorded_layout) != (config.part_size, config.block_rows):
+        version = None  # planned otherwise: creating the store refuses it, naming the settings that differ
+    recorded = [Piece.from_record(p) for p in version["pieces"]] if version is not None else []
+    return plan_source(source, part_size=config.part_size, block_rows=config.block_rows, recorded=recorded,
+                       allow_new=not source.max_examples)
+
+
+def source_fingerprints(source: AnySourceConfig, store: FeatureStore, data: SourceData | None = None) -> tuple[str, str]:
+    """(the source's fingerprint as the store computes it, the fingerprint the store records for it): equal when
+    ``source`` is what the store was extracted from. A store planned piece by piece records the rows of its
+    latest source version (``data``: the source already in memory, for the other stores)."""
+    version = store.source_version()
+    extraction = store.provenance.get("extraction", {})
+    if version is not None and not isinstance(source, ImageSourceConfig):
+        plan = plan_source(source, part_size=extraction["part_size"], block_rows=extraction["block_rows"])
+        return plan.fingerprint, version["fingerprint"]
+    data = data or load_examples(source)
+    return data.fingerprint, store.provenance.get("source", {}).get("fingerprint")
+
+
+def _existing_store(url: str, storage_options: dict | None) -> FeatureStore | None:
+    from unipt.store import StoreError
+
+    try:
+        return FeatureStore.open(url, storage_options=storage_options)
+    except StoreError:
+        return None
+
+
+def extraction_provenance(source: AnySourceConfig, data: Plan, encoder: Encoder, config: ExtractConfig,
+                          layers: list[int], first_fingerprint: str | None = None) -> dict[str, Any]:
+    """The store's provenance. ``first_fingerprint``: a grown store's, of the source version it was created
+    from (the root provenance never changes; each later version is in the store's _sources records)."""
     import numcodecs
     import torch
     import transformers
@@ -238,11 +330,13 @@ def extraction_provenance(source: AnySourceConfig, data: SourceData, encoder: En
         settings = {key: getattr(source, key) for key in ("text_column", "label_column", "id_column", "dedupe",
                                                             "splits", "split_column", "max_examples", "bad_input")}
         settings.update({key: getattr(source, key) for key in _TASK_SETTINGS if getattr(source, key) != _UNSET[key]})
+    streamed = isinstance(data, SourcePlan)
     return {
         "backbone": encoder.provenance(),
-        "source": {"location": source.path, "fingerprint": data.fingerprint, **settings},
+        "source": {"location": source.path, "fingerprint": first_fingerprint or data.fingerprint, **settings},
         "extraction": {"layers": layers, "dtype": config.dtype, "part_size": config.part_size,
-                       "part_order": PART_ORDER, "mode": "eval",
+                       "part_order": PIECE_ORDER if streamed else PART_ORDER, "mode": "eval",
+                       **({"block_rows": data.block_rows} if streamed else {}),
                        # K = 1: no key at all, so a store without views has the provenance it always had
                        **({"views": views_provenance(source, config)} if config.views > 1 else {})},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -263,54 +357,63 @@ def run_extraction(
     data: SourceData | None = None,
 ) -> ExtractSummary:
     """Extract every requested split of ``source`` (text or images) into the store at ``store_url`` (resuming
-    if it exists).
+    if it exists, growing it when the source has gained rows or shards since).
 
-    ``encoder`` / ``data``: an already loaded backbone / ``load_examples(source)``, to reuse across calls.
+    ``encoder`` / ``data``: an already loaded backbone / ``load_examples(source)`` (the source held in
+    memory), to reuse across calls. Without ``data`` a text source is streamed (:mod:`._stream`).
     """
     started = time.perf_counter()
-    data = data or load_examples(source)
+    plan = plan_extraction(source, config, store_url, storage_options=storage_options, data=data)
     read_seconds = time.perf_counter() - started
-    unknown = sorted(set(config.splits or ()) - set(data.splits))
+    unknown = sorted(set(config.splits or ()) - set(plan.split_names))
     if unknown:
-        raise ValueError(f"extract.splits names {unknown}; the source has splits {sorted(data.splits)}")
-    views = views_record(source, config, list(data.splits))
+        raise ValueError(f"extract.splits names {unknown}; the source has splits {sorted(plan.split_names)}")
+    views = views_record(source, config, plan.split_names)
     own_encoder = encoder is None
     encoder = encoder or make_encoder(source, backbone, config)
     with contextlib.ExitStack() as cleanup:
         if own_encoder:
             cleanup.callback(encoder.close)  # the image processor's threads
-        splits = list(config.splits or data.splits)
+        splits = list(config.splits or plan.split_names)
         layers = resolve_extract_layers(config.layers, encoder.num_hidden_states, encoder.stages)
+        existing = _existing_store(store_url, storage_options)
+        first = existing.provenance["source"].get("fingerprint") if existing is not None else None
+        # A store with source versions keeps its first version's fingerprint in its provenance.
+        versioned = isinstance(plan, SourcePlan) and existing is not None and existing.source_version() is not None
         store = FeatureStore.create(
             store_url, layers=layers, layer_widths=[encoder.widths[l] for l in layers], dtype=config.dtype,
-            label_names=data.label_names, provenance=extraction_provenance(source, data, encoder, config, layers),
+            label_names=plan.label_names,
+            provenance=extraction_provenance(source, plan, encoder, config, layers, first if versioned else None),
             compression=config.compression, storage_options=storage_options,
             layer_shapes=[encoder.row_shapes[l] for l in layers] if encoder.layout == "maps" else None,
             # every split of the source, whichever this run extracts: readers tell a finished split by it
-            plan={split: {"examples": len(examples), "parts": math.ceil(len(examples) / config.part_size)}
-                  for split, examples in data.splits.items()},
+            plan=plan.plan,
             task=getattr(source, "task", "classification"),
             views=views,
         )
+        if isinstance(plan, SourcePlan):
+            record_source_version(store, plan)
         run_id = new_run_id()
-        summary = ExtractSummary(store=store_url, skipped=dict(data.stats.get("skipped", {})),
+        summary = ExtractSummary(store=store_url, skipped=dict(plan.stats.get("skipped", {})),
                                  read_seconds=read_seconds)
-        if data.skipped:
+        if plan.skipped:
             with store.claims(run_id, config.claim_ttl) as claims:
                 if claims.acquire(SKIPPED, "records"):  # else another run started together is writing them
-                    store.record_skipped([(s.id, s.row, s.reason) for s in data.skipped])
-        tasks = []
+                    store.record_skipped([(s.id, s.row, s.reason) for s in plan.skipped])
+        done: dict[str, set[str]] = {}
+        done_examples = 0
         for split in splits:
-            done = store.committed(split)
-            for task in plan_parts(split, data.splits[split], config.part_size):
-                if part_key(task.index) in done:
-                    summary.parts_skipped += 1
-                else:
-                    tasks.append(task)
+            parts = store.parts(split)
+            done[split] = {p.name for p in parts}
+            done_examples += sum(p.n_examples for p in parts) * store.views(split)
+            summary.parts_skipped += len(parts)
+        # Forward passes still to run: each view of an example is one.
+        total = sum(plan.plan[split]["examples"] * store.views(split) for split in splits) - done_examples
         if config.workers or config.scheduler:
             from ._distributed import run_on_dask
 
-            distributed, _ = run_on_dask(tasks, backbone, store_url, vision=encoder_options(source, config),
+            distributed, _ = run_on_dask(plan.tasks(splits, skip=done), backbone, store_url,
+                                         vision=encoder_options(source, config), total=total,
                                          batch_size=config.batch_size,
                                          writer_queue=config.writer_queue, workers=config.workers,
                                          scheduler=config.scheduler, retries=config.retries, run_id=run_id,
@@ -318,27 +421,74 @@ def run_extraction(
                                          progress=progress)
             distributed.parts_skipped += summary.parts_skipped
             distributed.skipped, distributed.read_seconds = summary.skipped, read_seconds
+            finish_index(store, splits)
             distributed.seconds = time.perf_counter() - started
             return distributed
-        total = sum(len(t.examples) * store.views(t.split) for t in tasks)  # forward passes: each view is one
         desc = "extract" if views is None else f"extract ({config.views} views of {', '.join(views['splits'])})"
         with tqdm(total=total, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar, \
                 store.claims(run_id, config.claim_ttl) as claims:
             writer = BackgroundWriter(config.writer_queue)
             try:
-                while tasks:
-                    deferred = []
-                    for task, prepared in prefetch(tasks, lambda task: encoder.prepare(
+                todo: Iterable[PartTask] = plan.tasks(splits, skip=done)
+                while True:
+                    deferred: list[PartRef] = []
+                    for task, prepared in prefetch(todo, lambda task: encoder.prepare(
                             task.examples, views=store.views(task.split))):
                         if not extract_claimed_part(encoder, store, claims, task, config.batch_size, writer, summary,
                                                     bar, prepared=prepared):
-                            deferred.append(task)
-                    tasks = wait_for_other_runs(store, claims, deferred, summary, bar)
+                            deferred.append(PartRef(task.split, task.index, task.n_examples))
+                    free = wait_for_other_runs(store, claims, deferred, summary, bar)
+                    if not free:
+                        break
+                    # Parts whose claims went stale: their examples are read again (only theirs are kept).
+                    want: dict[str, set[str]] = {}
+                    for ref in free:
+                        want.setdefault(ref.split, set()).add(ref.name)
+                    todo = plan.tasks(splits, want=want)
             finally:
                 writer.close()
+        finish_index(store, splits)
         summary.write_seconds = writer.busy_seconds
         summary.seconds = time.perf_counter() - started
         return summary
+
+
+def record_source_version(store: FeatureStore, plan: SourcePlan) -> None:
+    """Record the source version ``plan`` read, unless the store's latest version is that one already."""
+    from unipt.store._versions import record_version
+
+    latest = store.source_version(refresh=True)
+    if latest is not None and latest["fingerprint"] == plan.fingerprint:
+        return
+    version = 1 if latest is None else latest["version"] + 1
+    record_version(store._root.store, store._root.path, version=version, fingerprint=plan.fingerprint,
+                   block_rows=plan.block_rows, rows=plan.stats["rows"], plan=plan.plan,
+                   pieces=[p.record() for p in plan.pieces], stats=plan.stats)
+    store.source_version(refresh=True)
+    if latest is not None:
+        log.info("%s grew to source version %d: %d new piece(s), %d parts planned in all (new parts only are "
+                 "extracted)", store.url, version, plan.new_pieces, sum(p["parts"] for p in plan.plan.values()))
+
+
+def finish_index(store: FeatureStore, splits: Sequence[str]) -> None:
+    """Fold this run's commits into each split's index (its journal into a new base); never fails the run:
+    readers list a split whose index is behind, and `unipt store index` rebuilds it."""
+    from unipt.store._claims import creates_exclusively
+    from unipt.store._index import compact_index, index_missing
+
+    if not creates_exclusively(store._root.store):
+        log.info("%s cannot create objects exclusively: its split index is left to `unipt store index` (readers "
+                 "list the splits meanwhile)", store.url)
+        return
+    for split in splits:
+        try:
+            result = compact_index(store, split)
+            # Committed parts the index lacks (a run killed between a commit and its index entry): add them.
+            if result.missing and index_missing(store, split, result.missing):
+                compact_index(store, split)
+        except Exception as exc:  # noqa: BLE001 - the parts are committed; the index is only an accelerator
+            log.warning("the index of %s split %r was not updated (%s); readers list the split until `unipt "
+                        "store index %s` rebuilds it", store.url, split, exc, store.url)
 
 
 def extract_claimed_part(encoder: Encoder, store: FeatureStore, claims: Claims, task: PartTask,
@@ -357,12 +507,12 @@ def extract_claimed_part(encoder: Encoder, store: FeatureStore, claims: Claims, 
             bar.update(len(task.examples) * store.views(task.split))
         return True
     extract_part(encoder, store, task, batch_size, writer, summary, bar, prepared=prepared,
-                 before_commit=lambda: claims.check(task.split, task.name))
+                 before_commit=lambda: claims.check(task.split, task.name), run=claims.owner.run)
     writer.submit(lambda: claims.release(task.split, task.name))
     return True
 
 
-def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[PartTask],
+def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[PartTask | PartRef],
                         summary: ExtractSummary, bar: tqdm | None = None) -> list[PartTask]:
     """Wait while other runs hold the claims on ``deferred`` parts; return those still to do here.
 
@@ -377,7 +527,7 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
             if store.is_committed(task.split, task.name):
                 summary.parts_by_others += 1
                 if bar is not None:
-                    bar.update(len(task.examples) * store.views(task.split))
+                    bar.update(task.n_examples * store.views(task.split))
                 continue
             holder = claims.holder(task.split, task.name)
             if holder is None or claims.is_stale(holder):
@@ -396,9 +546,11 @@ def wait_for_other_runs(store: FeatureStore, claims: Claims, deferred: Sequence[
 
 def extract_part(encoder: Encoder, store: FeatureStore, task: PartTask, batch_size: int,
                  writer: "BackgroundWriter", summary: ExtractSummary, bar: tqdm | None = None, *,
-                 prepared: PreparedPart | None = None, before_commit: Callable[[], None] | None = None) -> None:
+                 prepared: PreparedPart | None = None, before_commit: Callable[[], None] | None = None,
+                 run: str = "") -> None:
     """Run one part: prepare (unless done ahead), sort by length, forward batch by batch (each of the split's
-    views in turn), and queue the writes + the commit on ``writer``."""
+    views in turn), and queue the writes + the commit on ``writer``. ``run``: the extraction run's id, recorded
+    in the part's index entry (which run wrote it)."""
     views = store.views(task.split)
     prepared = prepared or encoder.prepare(task.examples, views=views)
     examples, lengths = prepared.examples, prepared.lengths
@@ -410,7 +562,7 @@ def extract_part(encoder: Encoder, store: FeatureStore, task: PartTask, batch_si
 
     def open_part() -> None:
         part["writer"] = store.part_writer(task.split, task.index, n_examples=len(examples),
-                                           n_tokens=n_tokens, source_start=task.start)
+                                           n_tokens=n_tokens, source_start=task.start, run=run)
 
     writer.submit(open_part)
     layers = store.layers
@@ -462,6 +614,7 @@ def extract_part(encoder: Encoder, store: FeatureStore, task: PartTask, batch_si
     if truncated:
         summary.truncated[task.split] = summary.truncated.get(task.split, 0) + len(truncated)
     summary.parts_written += 1
+    summary.written.append(f"{task.split}/{task.name}")
 
 
 class BackgroundWriter:

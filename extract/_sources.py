@@ -40,7 +40,7 @@ _CSV_FIELD_LIMIT = 2 ** (8 * ctypes.sizeof(ctypes.c_long) - 1) - 1
 _UNBALANCED_QUOTE = "unbalanced quote"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a streamed piece holds tens of thousands of these
 class Example:
     id: str
     text: str  # tagging: the words joined by spaces (for messages and ids; the words are encoded)
@@ -98,8 +98,15 @@ def hash_unit(key: str, salt: str) -> float:
 def source_format(config: SourceConfig, path: str) -> str:
     if config.format != "auto":
         return config.format
-    if Path(path).is_dir():
-        return "webdataset" if any(Path(path).glob(_SHARD_GLOB)) else "hf"
+    if Path(path).is_dir():  # a folder of webdataset tars, of data files of one format, or a `datasets` folder
+        if any(Path(path).glob(_SHARD_GLOB)):
+            return "webdataset"
+        kinds = {_SUFFIX_FORMATS[p.suffix.lower()] for p in Path(path).iterdir() if p.suffix.lower() in _SUFFIX_FORMATS}
+        if len(kinds) > 1:
+            raise ValueError(f"source folder {path!r} holds files of several formats ({', '.join(sorted(kinds))}); "
+                             "keep one format per folder, or set source.format")
+        return kinds.pop() if kinds and not (Path(path) / "dataset_dict.json").exists() and not (
+            Path(path) / "state.json").exists() else "hf"
     fmt = _SUFFIX_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the format of {path!r} from its suffix; set source.format to one of "
@@ -142,45 +149,27 @@ def load_source(config: SourceConfig) -> SourceData:
     CSV record: see :func:`_csv_rows`) raises :class:`BadInputError` naming the row (a CSV/TSV row by the
     file line it starts on too), or with ``bad_input = "skip"`` is left out and listed in
     ``SourceData.skipped`` with its reason and its 1-based row number: never dropped silently.
+
+    Everything is held in memory; extraction streams a source instead (:mod:`._stream`), with the same rules.
     """
     rows, fingerprint, fmt = _open_source(config)
-    keyed = fmt == "webdataset"  # the sample's __key__ is a stable source key: the default example id
+    reader = RowReader(config, keyed=fmt == "webdataset")
     records: list[tuple[str, Example, Any, str | None]] = []  # (id, example without its target, raw target, split)
     skipped: list[Skipped] = []
     seen: dict[str, Any] = {}
     duplicates = conflicts = 0
-    columns_checked = False
     for number, row in enumerate(rows, start=1):
-        if not columns_checked and _BAD not in row:
-            _check_columns(config, row)  # a misnamed column is a config error, not a bad row
-            columns_checked = True
-        problem = _row_problem(config, row)
-        if problem is not None:
-            reason, detail = problem
-            if config.bad_input == "error":
-                where = row_where(config.path, number, row) + (f" (sample {row['__key__']!r})" if keyed else "")
-                raise BadInputError(f"{where}: {detail}", "Fix the source, or set source.bad_input = \"skip\" to "
-                                    "leave such rows out (each is recorded in the store with its reason)")
-            skipped.append(Skipped(number, _fallback_id(config, row, number, keyed), reason))
+        record = reader.read(number, row)
+        if isinstance(record, Skipped):
+            skipped.append(record)
             continue
-        words = tuple(targets.words_of(row[config.text_column])) if config.task == targets.TAGGING else None
-        text = " ".join(words) if words is not None else row[config.text_column]
-        pair = row[config.text_pair_column] if config.text_pair_column else None
-        label = _raw_target(config, row)
-        content = text if pair is None else f"{text}\x00{pair}"  # what makes two rows the same example
         if config.dedupe:
-            if content in seen:
+            if record.content in seen:
                 duplicates += 1
-                conflicts += seen[content] != label
+                conflicts += seen[record.content] != record.target
                 continue
-            seen[content] = label
-        if config.id_column:
-            example_id = str(row[config.id_column])
-        else:
-            example_id = row["__key__"] if keyed else text_id(content)
-        split = row.get("__split__") or (str(row[config.split_column]) if config.split_column else None)
-        group = str(row[config.group_column]) if config.group_column else None
-        records.append((example_id, Example(example_id, text, None, pair, words, group), label, split))
+            seen[record.content] = record.target
+        records.append((record.example.id, record.example, record.target, record.split))
     report_kept(config.path, len(records), skipped, "rows")
     if conflicts:
         log.warning("%d duplicated texts carried different labels; the first occurrence was kept", conflicts)
@@ -205,6 +194,55 @@ def row_where(path: str, number: int, row: dict[str, Any]) -> str:
     if "__line__" in row:
         return f"{path} line {row['__line__']} (row {number})"
     return f"{path} row {number}"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A source row that became an example (its target not yet encoded: label names come from every row)."""
+
+    example: Example  # label=None until the label names are known
+    target: Any  # the raw target in canonical form (None: unlabelled)
+    split: str | None  # the source's own split for it, or None: drawn by hash
+    content: str  # what makes two rows the same example (deduplication)
+
+
+class RowReader:
+    """Turns raw rows into :class:`Record` s one at a time: the column check on the first good row, the
+    bad-input policy (raise :class:`BadInputError`, or return a :class:`Skipped`) and the example id.
+
+    ``keyed``: the rows carry a stable source key (``__key__``, a webdataset sample's), the default id.
+    ``path``: how messages name where the rows come from (a shard of a sharded source).
+    """
+
+    def __init__(self, config: SourceConfig, *, keyed: bool, path: str | None = None):
+        self.config, self.keyed, self.path = config, keyed, path or config.path
+        self._columns_checked = False
+
+    def read(self, number: int, row: dict[str, Any]) -> "Record | Skipped":
+        """Row ``number`` (1-based in the source's reading order) as a record, or as the skip it is."""
+        config, keyed = self.config, self.keyed
+        if not self._columns_checked and _BAD not in row:
+            _check_columns(config, row)  # a misnamed column is a config error, not a bad row
+            self._columns_checked = True
+        problem = _row_problem(config, row)
+        if problem is not None:
+            reason, detail = problem
+            if config.bad_input == "error":
+                where = row_where(self.path, number, row) + (f" (sample {row['__key__']!r})" if keyed else "")
+                raise BadInputError(f"{where}: {detail}", "Fix the source, or set source.bad_input = \"skip\" to "
+                                    "leave such rows out (each is recorded in the store with its reason)")
+            return Skipped(number, _fallback_id(config, row, number, keyed), reason)
+        words = tuple(targets.words_of(row[config.text_column])) if config.task == targets.TAGGING else None
+        text = " ".join(words) if words is not None else row[config.text_column]
+        pair = row[config.text_pair_column] if config.text_pair_column else None
+        content = text if pair is None else f"{text}\x00{pair}"
+        if config.id_column:
+            example_id = str(row[config.id_column])
+        else:
+            example_id = row["__key__"] if keyed else text_id(content)
+        split = row.get("__split__") or (str(row[config.split_column]) if config.split_column else None)
+        group = str(row[config.group_column]) if config.group_column else None
+        return Record(Example(example_id, text, None, pair, words, group), _raw_target(config, row), split, content)
 
 
 def _row_problem(config: SourceConfig, row: dict[str, Any]) -> tuple[str, str] | None:
@@ -291,11 +329,15 @@ def report_kept(path: str, kept: int, skipped: list[Skipped], noun: str) -> None
 def warn_if_one_class(path: str, splits: dict[str, list[Any]], label_names: list[str],
                       label_column: str | None) -> None:
     """Warn when every example (after dedupe, skips and caps) has the same label: nothing to classify."""
-    labels = {ex.label for examples in splits.values() for ex in examples}
+    warn_if_one_label(path, {ex.label for examples in splits.values() for ex in examples}, label_names, label_column)
+
+
+def warn_if_one_label(path: str, labels: set[int], label_names: list[str], label_column: str | None) -> None:
+    """:func:`warn_if_one_class` given the distinct label indices the kept examples carry."""
     if label_column and len(labels) == 1:
         log.warning("every example of source %s has label %r, so a classifier learns nothing from it; check that "
                     "source.label_column (%r) names the label and that source.max_examples keeps more than one "
-                    "class", path, label_names[labels.pop()], label_column)
+                    "class", path, label_names[next(iter(labels))], label_column)
 
 
 def _count_reasons(skipped: list[Skipped]) -> dict[str, int]:
@@ -315,17 +357,10 @@ def assign_splits(examples: Iterable[tuple[str | None, Any]], fractions: dict[st
 
     Split names become store paths: one that cannot be a path component is refused (:func:`_check_split_name`).
     """
-    for name in fractions:
-        _check_split_name(name, "source.splits")
-    cuts = _cumulative(fractions)
+    draw = SplitDraw(fractions)
     splits: dict[str, list[Any]] = {}
     for split, example in examples:
-        if split is None:  # drawn by the example's group (group_column) when it has one, else by its id
-            u = hash_unit(getattr(example, "group", None) or example.id, "split")
-            split = next((name for name, cut in cuts if u < cut), cuts[-1][0])
-        elif split not in splits:
-            _check_split_name(split, "the source's own splits (source.split_column, or the splits it comes with)")
-        splits.setdefault(split, []).append(example)
+        splits.setdefault(draw(split, example), []).append(example)
     if validation_from_train > 0 and "train" in splits and "validation" not in splits:
         held = [hash_unit(getattr(ex, "group", None) or ex.id, "validation") < validation_from_train
                 for ex in splits["train"]]
@@ -336,6 +371,26 @@ def assign_splits(examples: Iterable[tuple[str | None, Any]], fractions: dict[st
             raise ValueError(f"source.max_examples names split {name!r}; the source has {sorted(splits)}")
         splits[name] = _hash_subset(splits[name], cap)
     return splits
+
+
+class SplitDraw:
+    """The split of each example: the source's own split when it names one (checked to be a usable name),
+    else the split that a hash of its group (group_column) or, without one, of its id falls in."""
+
+    def __init__(self, fractions: dict[str, float]):
+        for name in fractions:
+            _check_split_name(name, "source.splits")
+        self._cuts = _cumulative(fractions)
+        self._own: set[str] = set()  # the source's own split names already checked
+
+    def __call__(self, split: str | None, example: Any) -> str:
+        if split is None:
+            u = hash_unit(getattr(example, "group", None) or example.id, "split")
+            return next((name for name, cut in self._cuts if u < cut), self._cuts[-1][0])
+        if split not in self._own:
+            _check_split_name(split, "the source's own splits (source.split_column, or the splits it comes with)")
+            self._own.add(split)
+        return split
 
 
 def _check_split_name(name: str, origin: str) -> None:

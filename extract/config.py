@@ -8,6 +8,7 @@ from typing import Sequence
 BAD_INPUT_POLICIES = ("error", "skip")
 SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf", "webdataset")
 AUTOCAST = ("auto", "float16", "bfloat16", "off")
+DEFAULT_BLOCK_ROWS = 1 << 16  # source rows per planning piece (ExtractConfig.block_rows)
 
 
 def check_split_rules(splits: dict[str, float], split_column: str | None, max_examples: dict[str, int]) -> None:
@@ -128,6 +129,10 @@ class ExtractConfig:
     part_size: int = 1024
     """Examples per part: the unit of work, resume and shuffling. Image parts are decoded and processed whole
     while the previous part runs, so two parts' pixel arrays are in memory (512 images at 224 px: ~300 MB)."""
+    block_rows: int = DEFAULT_BLOCK_ROWS
+    """Source rows per planning piece: a text source is read and planned a piece at a time (memory stays flat
+    however long it is), and each piece's parts are a random sample of that piece (docs/distributed.md,
+    "Sources at scale"). Fixed for a store once it is created."""
     splits: Sequence[str] | None = None
     """Which splits to extract (None = every split of the source)."""
     writer_queue: int = 8
@@ -167,8 +172,9 @@ class ExtractConfig:
     """Images, views >= 1: probability of a horizontal flip (0 = never)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.part_size < 1:
-            raise ValueError(f"batch_size and part_size must be >= 1, got {self.batch_size}, {self.part_size}")
+        if self.batch_size < 1 or self.part_size < 1 or self.block_rows < 1:
+            raise ValueError(f"batch_size, part_size and block_rows must be >= 1, got {self.batch_size}, "
+                             f"{self.part_size}, {self.block_rows}")
         if isinstance(self.layers, str) and self.layers not in ("all", "stages"):
             raise ValueError(f"extract.layers must be 'all', 'stages' or a list of indices, got {self.layers!r}")
         if self.max_grid is not None and self.max_grid < 1:

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from unipt.extract import (BackboneConfig, ExtractConfig, ImageSourceConfig, SourceConfig, TextInputs,
                            backbone_hashes, load_examples, make_encoder)
+from unipt.extract._runner import source_fingerprints
 from unipt.store import FeatureStore, PairIndex, SplitPairs, round_trip
 from unipt.train import Batch, LoaderConfig, MetricsLog, TrainConfig
 from unipt.train._trainer import _autocast, resolve_device
@@ -72,10 +73,10 @@ class OnlineTower:
         self.maps = store.layout == "maps"
         self.images = isinstance(source, ImageSourceConfig)
         data = load_examples(source)
-        recorded = store.provenance.get("source", {}).get("fingerprint")
-        if recorded != data.fingerprint:
+        found, recorded = source_fingerprints(source, store, data)
+        if recorded != found:
             raise ValueError(f"the {tower} source {source.path!r} is not what the {tower} store {store.url} was "
-                             f"extracted from (source fingerprint {data.fingerprint}, the store records {recorded}); "
+                             f"extracted from (source fingerprint {found}, the store records {recorded}); "
                              "pass the source config the store was extracted with")
         max_grid = store.provenance.get("backbone", {}).get("max_grid")
         self.encoder = make_encoder(source, replace(backbone, device=str(device)), ExtractConfig(max_grid=max_grid))

@@ -7,7 +7,7 @@
     unipt predict CHECKPOINT --input FILE   backbone + side network on raw texts: labels and probabilities
     unipt index CHECKPOINT --store URL --output INDEX    embed a two-tower checkpoint's gallery from its store
     unipt search INDEX --query TEXT | --image PATH       the gallery's nearest ids for raw queries
-    unipt store info|ls|skipped|verify|rm-part|export ...   inspect, maintain and export feature stores
+    unipt store info|ls|skipped|verify|rm-part|index|export ...   inspect, maintain and export feature stores
     unipt recipes [NAME]                    list shipped recipes, or print one (to copy and edit)
 
 RECIPE is a shipped recipe's name or a path to a TOML file.
@@ -77,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     run = recipe_command("run", "extract (resuming a partial store) and train every run of a recipe", _cmd_run)
-    recipe_command("extract", "run the frozen backbone once and write the feature store", _cmd_extract)
+    extract = recipe_command("extract", "run the frozen backbone once and write the feature store", _cmd_extract)
+    extract.add_argument("--summary-json", metavar="PATH",
+                         help="also write this run's summary as JSON (parts it wrote, examples, timings; a "
+                              "retrieval recipe: one summary per tower)")
     train = recipe_command("train", "train the recipe's side networks from its feature store", _cmd_train)
     train.add_argument("--run", action="append", default=[], metavar="NAME",
                        help="train only this run, or every run of this sweep section (repeatable)")
@@ -128,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     pr.set_defaults(handler=_cmd_predict)
 
-    st = sub.add_parser("store", help="inspect, maintain and export feature stores (info, ls, skipped, verify, rm-part, export)")
+    st = sub.add_parser("store", help="inspect, maintain and export feature stores (info, ls, skipped, verify, rm-part, index, export)")
     st_sub = st.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
     info = st_sub.add_parser("info", parents=[common], help="splits, parts, examples, tokens, bytes, provenance")
     info.add_argument("url", help="feature store path or URL")
@@ -148,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("split")
     rm.add_argument("part", help="part name, e.g. part-000003")
     rm.set_defaults(handler=_cmd_store_rm_part)
+    ix = st_sub.add_parser("index", parents=[common],
+                           help="rebuild the split indexes (what opening a split reads) from the part folders")
+    ix.add_argument("url", help="feature store path or URL")
+    ix.add_argument("--split", action="append", default=None, help="only this split (repeatable; default: all)")
+    ix.set_defaults(handler=_cmd_store_index)
 
     ex = st_sub.add_parser("export", parents=[common], help="write committed parts as webdataset tar shards")
     ex.add_argument("url", help="feature store path or URL")
@@ -206,7 +214,14 @@ def _training_options(args) -> dict:
 def _cmd_extract(args) -> int:
     recipe = _recipe(args)
     extract, _ = _stages(recipe)
-    extract(recipe, progress=not args.quiet)
+    summary = extract(recipe, progress=not args.quiet)
+    if args.summary_json:
+        from unipt.extract._runner import summary_dict
+
+        summaries = {tower: summary_dict(s) for tower, s in summary.items()} if isinstance(summary, dict) else \
+            summary_dict(summary)
+        with open(args.summary_json, "w") as f:
+            json.dump(summaries, f, indent=1)
     return 0
 
 
@@ -305,10 +320,14 @@ def _cmd_store_info(args) -> int:
     count = len(info["label_names"])
     print(f"task       {kind}: {count} {noun}{'' if count == 1 else 'es' if noun == 'class' else 's'} "
           f"{info['label_names']}")
-    print(f"checksums  " + (f"{info['chunk_checksum']} on every chunk, checked by every read" if info["chunk_checksum"]
+    print("checksums  " + (f"{info['chunk_checksum']} on every chunk, checked by every read" if info["chunk_checksum"]
                             else "none on chunks (written by an older unipt: reads cannot detect changed bytes; "
                                  "`unipt store verify` re-hashes every object)")
           + ("; root metadata sha256 checked on open" if info["metadata_checksum"] else ""))
+    version = info.get("source_version")
+    if version is not None:  # a streamed source's store: which version of the source it holds
+        print(f"source     version {version['version']} ({version['created']}): {version['rows']:,} rows in "
+              f"{version['pieces']} pieces of {version['shards']} shard(s), fingerprint {version['fingerprint'][:16]}…")
     print(f"{'split':12s} {'parts':>9s} {'examples':>9s} {'tokens':>10s} {'truncated':>9s} {'MiB':>9s}")
     for split, row in info["splits"].items():
         planned = "" if row["planned_parts"] is None else f"/{row['planned_parts']}"
@@ -380,6 +399,8 @@ def _cmd_store_verify(args) -> int:
     report = verify(FeatureStore.open(args.url))
     for problem in report.problems:
         print(problem)
+    for note in report.notes:
+        print(f"note       {note}")
     print(f"{report.url}: {report.parts} parts, {report.objects} objects, {report.bytes / 2**20:.1f} MiB checked; "
           f"{'OK' if report.ok else f'{len(report.problems)} problem(s); `unipt store rm-part` a damaged part, then re-run extraction'}")
     return 0 if report.ok else 1
@@ -390,6 +411,22 @@ def _cmd_store_rm_part(args) -> int:
 
     removed = remove_part(FeatureStore.open(args.url, mode="r+"), args.split, args.part)
     print(f"removed {args.split}/{args.part} ({removed} objects); the next extraction run redoes it")
+    return 0
+
+
+def _cmd_store_index(args) -> int:
+    from unipt.store import FeatureStore, rebuild_index
+
+    store = FeatureStore.open(args.url, mode="r+")
+    plan = store.plan or {}
+    for split in args.split or store.splits():
+        result = rebuild_index(store, split)
+        planned = plan.get(split, {}).get("parts")
+        of = "" if planned is None else f" of {planned} planned"
+        print(f"{split}: indexed {result.parts}{of} parts ({result.examples:,} examples) as generation "
+              f"{result.generation}")
+        for part, state, detail in result.not_committed:
+            print(f"  {state:10s} {split}/{part}{': ' + detail if detail else ''} (not indexed)")
     return 0
 
 

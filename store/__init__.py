@@ -5,6 +5,7 @@ Imports none of unipt's other subpackages: a store can be read with nothing but 
 
 from ._dtypes import STORAGE_DTYPES, ValueRangeError, bytes_per_row, dequantize, quantize, round_trip
 from ._export import export_webdataset
+from ._index import compact_index, rebuild_index
 from ._maintenance import Problem, VerifyReport, describe, remove_part, verify
 from ._format import (CLASSIFICATION, DEFAULT_DTYPE, FORMAT_VERSION, IGNORE_INDEX, MULTILABEL, REGRESSION, TAGGING,
                       TARGETS, TASK_KINDS, layer_key, part_key)
@@ -39,6 +40,8 @@ __all__ = [
     "Problem",
     "describe",
     "remove_part",
+    "compact_index",
+    "rebuild_index",
     "export_webdataset",
     "provenance_diff",
     "weight_files",

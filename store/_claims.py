@@ -72,6 +72,10 @@ class Claims:
         self._store, self._root, self.owner, self.ttl = zarr_store, root_path.strip("/"), owner, ttl
         self._held: dict[str, str] = {}  # key -> token of our claim document
         self._lock = threading.Lock()
+        # Held by the heartbeat from its check that a claim is still ours to its refreshed write, and by
+        # release from dropping the claim to deleting it: a refresh landing after the delete would leave a
+        # claim on a committed part behind.
+        self._refreshing = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -112,12 +116,13 @@ class Claims:
 
     def release(self, split: str, part: str) -> None:
         key = self._key(split, part)
-        with self._lock:
-            token = self._held.pop(key, None)
-        if token is not None:
-            current = self._read(key)
-            if current is not None and current.get("token") == token:
-                sync(self._store.delete(self._path(key)))
+        with self._refreshing:
+            with self._lock:
+                token = self._held.pop(key, None)
+            if token is not None:
+                current = self._read(key)
+                if current is not None and current.get("token") == token:
+                    sync(self._store.delete(self._path(key)))
 
     def holder(self, split: str, part: str) -> dict[str, Any] | None:
         """The claim document on ``split/part`` (owner, claimed, heartbeat, token), or None."""
@@ -157,9 +162,13 @@ class Claims:
             with self._lock:
                 held = dict(self._held)
             for key, token in held.items():
-                current = self._read(key)
-                if current is not None and current.get("token") == token:  # never revive a lost claim
-                    self._put(key, self._document(token, claimed=current.get("claimed")))
+                with self._refreshing:
+                    with self._lock:
+                        if self._held.get(key) != token:
+                            continue  # released since: never write it back
+                    current = self._read(key)
+                    if current is not None and current.get("token") == token:  # never revive a lost claim
+                        self._put(key, self._document(token, claimed=current.get("claimed")))
 
     def _document(self, token: str, claimed: float | None = None) -> bytes:
         now = time.time()
@@ -186,20 +195,7 @@ class Claims:
 
     def _create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist; True when this call created it."""
-        path = self._path(key)
-        fs = getattr(self._store, "fs", None)
-        if fs is not None and getattr(fs, "async_impl", False) and "s3" in _protocols(fs):
-            try:
-                sync(fs._pipe_file(f"{self._store.path.rstrip('/')}/{path}", data, mode="create"))
-                return True
-            except (FileExistsError, OSError) as exc:
-                if isinstance(exc, FileExistsError) or "PreconditionFailed" in str(exc) or "412" in str(exc):
-                    return False
-                raise
-        # LocalStore (exclusive rename) and MemoryStore (setdefault) are atomic; other stores check first.
-        sync(self._store.set_if_not_exists(path, default_buffer_prototype().buffer.from_bytes(data)))
-        current = sync(self._store.get(path, default_buffer_prototype()))
-        return current is not None and current.to_bytes() == data
+        return create_exclusive(self._store, self._path(key), data)
 
 
 def stale_reason(document: dict[str, Any], ttl: float) -> str | None:
@@ -246,6 +242,37 @@ def list_claims(zarr_store, root_path: str) -> list[tuple[str, str, dict[str, An
         if document is not None:
             out.append((split, name.removesuffix(".json"), document))
     return out
+
+
+def create_exclusive(zarr_store, path: str, data: bytes) -> bool:
+    """Write the object ``path`` of ``zarr_store`` only if it does not exist; True when this call created it.
+
+    Atomic where :func:`creates_exclusively` says so; elsewhere the object is written when absent, then
+    read back (a race between two writers then narrows to one round trip).
+    """
+    fs = getattr(zarr_store, "fs", None)
+    if fs is not None and getattr(fs, "async_impl", False) and "s3" in _protocols(fs):
+        try:
+            sync(fs._pipe_file(f"{zarr_store.path.rstrip('/')}/{path}", data, mode="create"))
+            return True
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or "PreconditionFailed" in str(exc) or "412" in str(exc):
+                return False
+            raise
+    # LocalStore (exclusive rename) and MemoryStore (setdefault) are atomic; other stores check first.
+    sync(zarr_store.set_if_not_exists(path, default_buffer_prototype().buffer.from_bytes(data)))
+    current = sync(zarr_store.get(path, default_buffer_prototype()))
+    return current is not None and current.to_bytes() == data
+
+
+def creates_exclusively(zarr_store) -> bool:
+    """Whether :func:`create_exclusive` is atomic on ``zarr_store``: local folders, memory, S3."""
+    from zarr.storage import LocalStore, MemoryStore
+
+    if isinstance(zarr_store, (LocalStore, MemoryStore)):
+        return True
+    fs = getattr(zarr_store, "fs", None)
+    return fs is not None and getattr(fs, "async_impl", False) and "s3" in _protocols(fs)
 
 
 def _protocols(fs) -> tuple[str, ...]:

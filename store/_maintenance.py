@@ -14,13 +14,14 @@ from zarr.core.sync import sync
 
 from . import _format as fmt
 from ._claims import claim_stale_reason, claim_state
+from ._index import read_index, remove_from_index
 from ._store import CorruptChunkError, FeatureStore, StoreError, _child_names, _join, _view_of
 
 
 @dataclass
 class Problem:
     where: str  # split/part/object key
-    kind: str  # missing | corrupt | unrecorded | unverifiable | damaged | unreadable | uncommitted | incomplete
+    kind: str  # missing | corrupt | unrecorded | unverifiable | damaged | unreadable | uncommitted | incomplete | index
     detail: str = ""
 
     def __str__(self) -> str:
@@ -34,6 +35,10 @@ class VerifyReport:
     objects: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # Not damage: committed parts the split's index does not list yet (a run killed between a commit and its
+    # index entry). Readers list such a split instead of trusting its index; the next extraction run of the
+    # store, or `unipt store index`, adds them.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +88,8 @@ def verify(store: FeatureStore) -> VerifyReport:
                 report.problems.append(Problem(where, "uncommitted", who))
             else:  # damaged (a commit record failing its checksum) or unreadable (metadata cut short)
                 report.problems.append(Problem(where, folder.state, folder.detail))
+        report.problems += _index_problems(store, split, committed)
+        report.notes += _index_gaps(store, split, committed)
         for folder in committed:
             info = folder.info
             report.parts += 1
@@ -113,6 +120,42 @@ def verify(store: FeatureStore) -> VerifyReport:
     except CorruptChunkError as exc:
         report.problems.append(Problem(fmt.SKIPPED, "damaged", str(exc)))
     return report
+
+
+def _index_problems(store: FeatureStore, split: str, committed: list) -> list[Problem]:
+    """Where the split's index (if it has one) differs from its committed part folders."""
+    fix = f"`unipt store index {store.url}` rebuilds it from the parts"
+    try:
+        state = read_index(store._root.store, store._root.path.strip("/"), split)
+    except (ValueError, RuntimeError) as exc:
+        return [Problem(f"{split} index", "index", f"cannot be read ({exc}); {fix}")]
+    if state is None:
+        return []
+    problems = [Problem(f"{split}/{name}", "index", f"its index base and journal entries disagree on its commit "
+                                                     f"record; {fix}") for name in state.conflicts]
+    entries = state.entries()
+    truth = {folder.name: folder.record_sha256 for folder in committed}
+    for name, entry in entries.items():
+        if name not in truth:
+            problems.append(Problem(f"{split}/{name}", "index", f"the split's index lists it, but it is not a "
+                                                                 f"committed part; {fix}"))
+        elif entry.get("record_sha256") != truth[name]:
+            problems.append(Problem(f"{split}/{name}", "index", f"the index records commit record_sha256 "
+                                    f"{entry.get('record_sha256')}, the part has {truth[name]}; {fix}"))
+    return problems
+
+
+def _index_gaps(store: FeatureStore, split: str, committed: list) -> list[str]:
+    """Committed parts of ``split`` that its index (where it has one) does not list yet."""
+    try:
+        state = read_index(store._root.store, store._root.path.strip("/"), split)
+    except (ValueError, RuntimeError):
+        return []  # reported as a problem by _index_problems
+    if state is None:
+        return []
+    missing = sorted({folder.name for folder in committed} - set(state.entries()))
+    return [f"{split}/{name}: committed, not in the split's index yet (readers list the split; the next extraction "
+            f"run or `unipt store index {store.url}` adds it)" for name in missing]
 
 
 def _view_problems(store: FeatureStore, info, recorded: dict[str, str]) -> list[Problem]:
@@ -154,6 +197,7 @@ def remove_part(store: FeatureStore, split: str, name: str) -> int:
         raise StoreError(f"{split}/{name} in {store.url} is a symbolic link to {os.readlink(folder)}, not a part "
                          "unipt wrote here; remove the link yourself if that is what you want")
     keys = sync(_list(zstore, prefix))
+    remove_from_index(store, split, name)  # first: the index must never list a part that is gone
     try:
         sync(zstore.delete_dir(prefix))
     except OSError as exc:
@@ -223,6 +267,8 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "bytes": sum(s["bytes"] for s in splits.values()),
         "bytes_per_value": value_bytes / values if values else None,
         "skipped": skipped,  # bad source rows left out, by reason (`FeatureStore.skipped()` lists them)
+        # streamed sources: the latest source version (number, rows, pieces, shards); None for older stores
+        "source_version": _version_summary(store.source_version()),
         "in_progress": [{"split": split, "part": part, "run": doc.get("owner", {}).get("run"),
                          "host": doc.get("owner", {}).get("host"), "pid": doc.get("owner", {}).get("pid"),
                          "heartbeat": doc.get("heartbeat"), "stale": claim_stale_reason(doc)}
@@ -232,3 +278,11 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "metadata_checksum": store.metadata_checksummed,
         "provenance": store.provenance,
     }
+
+
+def _version_summary(version: dict[str, Any] | None) -> dict[str, Any] | None:
+    if version is None:
+        return None
+    return {"version": version["version"], "rows": version["rows"], "pieces": len(version["pieces"]),
+            "shards": len({piece[0] for piece in version["pieces"]}), "created": version["created"],
+            "fingerprint": version["fingerprint"]}

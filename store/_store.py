@@ -15,10 +15,15 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from . import _format as fmt
+from . import _index
 from ._dtypes import SCALE_SUFFIX, STORAGE_DTYPES, STORED_NUMPY, as_tensor, dequantize, encode
 from ._claims import Claims, Owner, claim_state, list_claims
 from ._provenance import check_provenance
+from ._versions import latest_version
 from ._wrappers import MissingObject, RecordingStore, StrictReads
+
+
+_UNREAD = object()  # a lazily read record not read yet
 
 
 class StoreError(RuntimeError):
@@ -61,6 +66,7 @@ class PartFolder:
     state: str  # committed | uncommitted (no commit marker yet) | unreadable (metadata cut short) | damaged
     info: PartInfo | None = None  # committed parts
     detail: str = ""  # why it is unreadable or damaged
+    record_sha256: str | None = None  # committed parts: their commit record's digest (None: an older unipt's)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,15 @@ class SplitStatus:
         if other:
             text += f"; not committed, no claim (left by a run that stopped): {', '.join(other)}"
         return text
+
+
+@dataclass(frozen=True)
+class _PartsView:
+    """The committed parts of a split as one reader sees them, and where it got them from."""
+
+    parts: tuple[PartInfo, ...]
+    digests: Mapping[str, str | None]  # part name -> its commit record's record_sha256
+    from_index: bool  # True: from the split's index, which read_part then holds each part to
 
 
 @dataclass
@@ -144,6 +159,8 @@ class FeatureStore:
                 "layers, provenance) does not match the sha256 recorded when the store was created, so it was "
                 "edited or damaged since; restore zarr.json from a copy of the store, or re-extract it")
         self.meta: dict[str, Any] = meta
+        self._views: dict[str, _PartsView] = {}  # split -> the parts last read (kept for good when read-only)
+        self._version: Any = _UNREAD  # the source version record, read on first use (source_version)
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -163,7 +180,10 @@ class FeatureStore:
         except ValueError as exc:  # a root zarr.json that is not JSON, or not Zarr v3 metadata
             raise CorruptChunkError(f"{url}: the store's root zarr.json cannot be read ({exc}); restore it from a "
                                     "copy of the store, or re-extract it") from exc
-        return cls(root, url)
+        store = cls(root, url)
+        if mode == "r":
+            store.source_version()  # a reader is pinned to the source version there is when it opens
+        return store
 
     @classmethod
     def create(
@@ -331,10 +351,20 @@ class FeatureStore:
 
     @property
     def plan(self) -> dict[str, dict[str, int]] | None:
-        """``{split: {"examples": n, "parts": k}}`` of the whole source, as extraction planned it; None for
-        stores written before unipt recorded it."""
-        plan = self.meta.get("plan")
+        """``{split: {"examples": n, "parts": k}}`` of the whole source, as extraction planned it: the latest
+        source version's (:meth:`source_version`), else the one recorded at creation; None for stores
+        written before unipt recorded it."""
+        version = self.source_version()
+        plan = version["plan"] if version is not None else self.meta.get("plan")
         return None if plan is None else {split: dict(p) for split, p in plan.items()}
+
+    def source_version(self, *, refresh: bool = False) -> dict[str, Any] | None:
+        """The newest record of the source versions this store was extracted from (stores planned piece by
+        piece, :mod:`._versions`; None for others). Read once per opened store: a reader keeps the version
+        it first saw while the store grows (``refresh`` reads it again, as a writer does)."""
+        if self._version is _UNREAD or refresh:
+            self._version = latest_version(self._root.store, self._root.path)
+        return self._version
 
     @property
     def chunk_checksum(self) -> str | None:
@@ -354,8 +384,38 @@ class FeatureStore:
 
     def parts(self, split: str) -> list[PartInfo]:
         """Committed parts of ``split`` in index order. Uncommitted (half-written) parts are invisible; a part
-        whose commit record fails its checksum raises :class:`CorruptChunkError` naming it."""
-        return [folder.info for folder in self.part_folders(split, strict=True) if folder.info is not None]
+        whose commit record fails its checksum raises :class:`CorruptChunkError` naming it.
+
+        Read from the split's index (two requests, whatever the number of parts) when it is complete, else by
+        listing the split. A store opened read-only keeps the first list it read for each split, so one
+        reader sees one consistent set of parts while extraction adds more; ``mode="r+"`` re-reads each time.
+        """
+        return list(self._parts_view(split).parts)
+
+    def parts_digest(self, split: str) -> str:
+        """sha256 over the (name, commit record sha256) of the parts :meth:`parts` gives: what a training run
+        records to say exactly which parts it read."""
+        view = self._parts_view(split)
+        return _index.parts_digest((info.name, view.digests[info.name]) for info in view.parts)
+
+    def _parts_view(self, split: str) -> _PartsView:
+        view = self._views.get(split)
+        if view is not None and self.read_only:
+            return view
+        planned = (self.plan or {}).get(split, {}).get("parts")
+        entries = _index.trusted_entries(self._root.store, self._root.path.strip("/"), split, planned)
+        if entries is not None:
+            view = _PartsView(tuple(_info_of(split, entry) for entry in entries.values()),
+                              {name: entry["record_sha256"] for name, entry in entries.items()}, from_index=True)
+        else:
+            folders = [f for f in self.part_folders(split, strict=True) if f.info is not None]
+            if planned is not None and self.source_version() is not None:
+                # The parts of this reader's source version only: a store that grew since holds more.
+                folders = [f for f in folders if f.info.index < planned]
+            view = _PartsView(tuple(f.info for f in folders), {f.name: f.record_sha256 for f in folders},
+                              from_index=False)
+        self._views[split] = view
+        return view
 
     def part_folders(self, split: str, *, strict: bool = False) -> list[PartFolder]:
         """Every part folder of ``split`` in index order, committed or not, with its state. ``strict``: raise
@@ -375,8 +435,12 @@ class FeatureStore:
 
     def split_status(self, split: str) -> SplitStatus:
         """How much of ``split`` is committed, against the extraction plan when the store records one."""
-        folders = self.part_folders(split, strict=True)
-        committed = [f.info for f in folders if f.info is not None]
+        view = self._parts_view(split)
+        if view.from_index:  # every planned part is committed: nothing else to list
+            folders, committed = [], list(view.parts)
+        else:
+            folders = self.part_folders(split, strict=True)
+            committed = [f.info for f in folders if f.info is not None]
         planned = (self.plan or {}).get(split)
         claims = [(part, f"{claim_state(document)}: {_claim_owner(document)}")
                   for claim_split, part, document in self.active_claims() if claim_split == split]
@@ -499,11 +563,12 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- writing
     def part_writer(
-        self, split: str, index: int, *, n_examples: int, n_tokens: int, source_start: int
+        self, split: str, index: int, *, n_examples: int, n_tokens: int, source_start: int, run: str = ""
     ) -> "PartWriter":
         """Start (or restart) part ``index`` of ``split``. Anything already under its name is discarded.
 
-        Refuses to touch a committed part: committed parts are immutable.
+        Refuses to touch a committed part: committed parts are immutable. Once committed, the part is entered
+        in the split's index journal, under ``run`` (the extraction run's id, if any).
         """
         if self.read_only:
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write")
@@ -520,8 +585,12 @@ class FeatureStore:
         # marker lists them, and `verify` re-hashes what is there now (no read-back at write time).
         recorder = RecordingStore(self._root.store)
         group = zarr.open_group(store=recorder, path=_join(self._root.path, split, name), mode="w", zarr_format=3)
+        store, root = self._root.store, self._root.path.strip("/")
+        journal = lambda info, commit: _index.write_journal_entry(  # noqa: E731
+            store, root, split, _index.entry_of(info, commit, writer=run))
         return PartWriter(group, info, self.row_shapes, self.dtype, self.meta["compression"], recorder,
-                          checksum=self.chunk_checksum, task=self.task, n_targets=len(self.label_names))
+                          checksum=self.chunk_checksum, task=self.task, n_targets=len(self.label_names),
+                          journal=journal)
 
     # ----------------------------------------------------------------- reading
     def read_part(self, part: PartInfo | tuple[str, str], layers: Iterable[int] | None = None, *,
@@ -530,7 +599,17 @@ class FeatureStore:
         ``view``: which stochastic view of them (0 = the eval-mode cache, the only one most stores hold)."""
         split, name = (part.split, part.name) if isinstance(part, PartInfo) else part
         split_group = self._split_group(split, create=False)
-        info = None if split_group is None else self._part_folder(split_group, split, name, strict=True).info
+        folder = None if split_group is None else self._part_folder(split_group, split, name, strict=True)
+        info = None if folder is None else folder.info
+        seen = self._views.get(split)
+        if seen is not None and seen.from_index and name in seen.digests and (
+                info is None or folder.record_sha256 != seen.digests[name]):
+            found = ("no committed part" if info is None
+                     else f"a part whose commit record_sha256 is {folder.record_sha256}")
+            raise CorruptChunkError(
+                f"{self.url} {split}/{name}: the split's index lists it with commit record_sha256 "
+                f"{seen.digests[name]}, but the store holds {found} there (it was removed or rewritten behind the "
+                f"index's back); run `unipt store index {self.url}` to rebuild the index from the parts")
         if info is None:
             raise StoreError(f"{split}/{name} is not a committed part of {self.url}")
         layers = self.layers if layers is None else list(layers)
@@ -598,7 +677,7 @@ class FeatureStore:
             return PartFolder(split, name, "damaged", detail=problem)
         info = PartInfo(split, name, commit["n_examples"], commit["n_tokens"], commit["source_start"],
                         commit["source_stop"], len(commit.get("truncated", ())), int(commit.get(fmt.VIEWS, 1)))
-        return PartFolder(split, name, "committed", info)
+        return PartFolder(split, name, "committed", info, record_sha256=commit.get(fmt.RECORD_DIGEST))
 
 
 # Zarr skips chunks equal to the fill value by default; a part stores every chunk, so that a missing
@@ -624,8 +703,10 @@ class PartWriter:
 
     def __init__(self, group: zarr.Group, info: PartInfo, row_shapes: Mapping[int, tuple[int, ...]], dtype: str,
                  compression: str = fmt.DEFAULT_COMPRESSION, recorder: RecordingStore | None = None, *,
-                 checksum: str | None = fmt.CHUNK_CHECKSUM, task: str = fmt.CLASSIFICATION, n_targets: int = 0):
+                 checksum: str | None = fmt.CHUNK_CHECKSUM, task: str = fmt.CLASSIFICATION, n_targets: int = 0,
+                 journal: Callable[[PartInfo, dict[str, Any]], None] | None = None):
         self.group, self.info, self.dtype = group, info, dtype
+        self.journal = journal  # called with (info, commit record) once the part is committed
         self.task, self.n_targets = task, n_targets
         self.compression, self.recorder, self.checksum = compression, recorder, checksum
         self.declared = {"n_examples": info.n_examples, "n_tokens": info.n_tokens,
@@ -740,7 +821,10 @@ class PartWriter:
             self.view_bytes = {view: sum(size for key, size in self.recorder.sizes.items()
                                          if _view_of(key[len(prefix):]) == view) for view in range(self.info.views)}
         self.group.attrs[fmt.COMMIT_ATTR] = commit
-        return replace(self.info, truncated=len(truncated))
+        committed = replace(self.info, truncated=len(truncated))
+        if self.journal is not None:  # after the marker: an index entry never names an uncommitted part
+            self.journal(committed, commit)
+        return committed
 
     def _write_column(self, key: str, values: np.ndarray, dtype: Any = None) -> None:
         compressor = _compressor(values.dtype.itemsize, self.compression) if dtype is None else _STRING_COMPRESSOR
@@ -760,6 +844,11 @@ class PartWriter:
             rest = buffered[take:]
             self._pending[key] = [rest] if rest.shape[0] else []
             self._pending_rows[key] = rest.shape[0]
+
+
+def _info_of(split: str, entry: Mapping[str, Any]) -> PartInfo:
+    return PartInfo(split, entry["name"], int(entry["n_examples"]), int(entry["n_tokens"]), int(entry["source_start"]),
+                    int(entry["source_stop"]), int(entry["truncated"]), int(entry["views"]))
 
 
 def _view_of(key: str) -> int | None:

@@ -153,6 +153,21 @@ def encoder(backbone):
     return TextEncoder(backbone)
 
 
+def assert_same_parts(got, want) -> None:
+    """Two feature stores hold the same parts: names, and per part the ids, lengths, targets, offsets and every
+    layer, bit for bit."""
+    import numpy as np
+
+    assert got.splits() == want.splits()
+    for split in want.splits():
+        assert [p.name for p in got.parts(split)] == [p.name for p in want.parts(split)]
+        for info in want.parts(split):
+            a, b = want.read_part(info), got.read_part(info)
+            assert np.array_equal(a.example_id, b.example_id) and np.array_equal(a.length, b.length)
+            assert np.array_equal(a.label, b.label) and np.array_equal(a.offsets, b.offsets)
+            assert all(torch.equal(a.layers[layer], b.layers[layer]) for layer in want.layers)
+
+
 def ragged_mask(lengths, n=None) -> torch.Tensor:
     """(B, N) bool mask of examples with these lengths, padded to ``n`` (default: the longest)."""
     n = n or max(lengths)

@@ -82,6 +82,18 @@ class RunResult:
     fraction, every candidate's eval metrics, the feature counts); {} for methods without one."""
 
 
+def parts_used(store: FeatureStore, config: TrainConfig) -> dict[str, Any]:
+    """Which parts of the store a run reads, per split it trains or selects on: their count, the sha256 over
+    their names and commit records, and the store's source version (a store that has grown since holds more)."""
+    version = store.source_version()
+    used = {}
+    for split in dict.fromkeys((config.train_split, config.eval_split)):
+        if split and split in store.splits():
+            used[split] = {"parts": len(store.parts(split)), "sha256": store.parts_digest(split),
+                           "source_version": None if version is None else version["version"]}
+    return used
+
+
 def _absolute(url: str) -> str:
     """A local path made absolute (a checkpoint is often used from another folder); URLs unchanged."""
     return url if "://" in url else str(Path(url).resolve())
@@ -333,7 +345,7 @@ class _Run:
             "method": config.method, "model_config": config_dict(model_config), "layers": layers,
             "layer_widths": [store.layer_widths[l] for l in layers], "store": store, "task": task}
         self.checkpoint_extra = {"run": name, "train": config_dict(config), "label_names": store.label_names,
-                                 "store_url": _absolute(store.url)}
+                                 "store_url": _absolute(store.url), "parts_used": parts_used(store, config)}
         self.train_record = json.loads(json.dumps(config_dict(config)))  # as saved: JSON types
         self.step, self.seen, self.train_seconds, self.done, self.epochs_done = 0, 0, 0.0, False, 0
         self.best_score, self.best_epoch, self.best_metrics = None, -1, {}

@@ -9,11 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from conftest import make_text_csv, make_tiny_bert
+from conftest import assert_same_parts, make_text_csv, make_tiny_bert
 from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, run_extraction
 from unipt.store import FeatureStore, verify
 
@@ -77,13 +75,7 @@ def test_two_runs_at_once_share_the_parts_and_give_the_reference_store(tmp_path)
         assert summary["parts_written"] + summary["parts_by_others"] + summary["parts_skipped"] == n_parts
     assert got.active_claims() == [], "claims must be released once their parts commit"
 
-    assert got.splits() == want.splits()
-    for split in want.splits():
-        assert [p.name for p in got.parts(split)] == [p.name for p in want.parts(split)]
-        for info in want.parts(split):
-            a, b = want.read_part(info), got.read_part(info)
-            assert np.array_equal(a.example_id, b.example_id) and np.array_equal(a.length, b.length)
-            assert all(torch.equal(a.layers[layer], b.layers[layer]) for layer in want.layers)
+    assert_same_parts(got, want)
     report = verify(got)
     assert report.ok, report.problems
     assert not any(Path(shared).rglob("*.partial"))

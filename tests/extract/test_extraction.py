@@ -18,6 +18,7 @@ from unipt.extract import (
     TextEncoder,
     hash_unit,
     load_source,
+    plan_source,
     run_extraction,
 )
 from unipt.store import FeatureStore, PartWriter, ProvenanceMismatch, layer_key
@@ -163,7 +164,12 @@ def test_provenance_is_recorded(runs, source, csv_path, tiny_bert_dir):
     assert prov["extraction"]["layers"] == [0, 1, 2]
     assert prov["extraction"]["dtype"] == "float16"
     assert prov["extraction"]["part_size"] == PART_SIZE
-    assert prov["source"]["fingerprint"] == hashlib.sha256(Path(csv_path).read_bytes()).hexdigest()
+    # The fingerprint is of the rows as read (sha256 over the pieces' sha256), not of the file's path or bytes.
+    assert prov["source"]["fingerprint"] == plan_source(source, part_size=PART_SIZE).fingerprint
+    assert prov["source"]["fingerprint"] == store.source_version()["fingerprint"]
+    edited = csv_path.parent / "edited.csv"
+    edited.write_text(csv_path.read_text() + "one more row,positive\n")
+    assert plan_source(SourceConfig(path=str(edited)), part_size=PART_SIZE).fingerprint != prov["source"]["fingerprint"]
     assert prov["source"]["text_column"] == "text" and prov["source"]["label_column"] == "label"
     versions = prov["versions"]
     assert {"python", "torch", "transformers", "zarr", "numcodecs"} <= set(versions)
@@ -295,9 +301,11 @@ def test_rerun_from_a_moved_source_resumes(tmp_path, csv_path, backbone, encoder
     moved.write_bytes(Path(csv_path).read_bytes())
     again = extract(SourceConfig(path=str(moved)), backbone, encoder, url, dtype="float16", splits=["test"])
     assert again.parts_written == 0 and again.parts_skipped >= 1
+    # Rows appended: the store grows (tests/extract/test_streamed_sources.py); a row edited in place is refused.
+    lines = Path(csv_path).read_text().splitlines(keepends=True)
     edited = tmp_path / "edited.csv"
-    edited.write_text(Path(csv_path).read_text() + "new words here,positive\n")
-    with pytest.raises(ProvenanceMismatch, match="fingerprint"):
+    edited.write_text("".join(lines[:5]) + "new words here,positive\n" + "".join(lines[6:]))
+    with pytest.raises(ValueError, match="changed since this store extracted them"):
         extract(SourceConfig(path=str(edited)), backbone, encoder, url, dtype="float16", splits=["test"])
 
 
@@ -332,4 +340,4 @@ def test_parts_of_a_label_sorted_source_are_random_samples(tiny_bert_dir, tmp_pa
     store = FeatureStore.open(str(tmp_path / "s.zarr"))
     labels = [set(store.read_part(info, layers=[]).label.tolist()) for info in store.parts("train")]
     assert len(labels) == 10 and all(len(found) == 3 for found in labels)
-    assert store.provenance["extraction"]["part_order"] == "hash"
+    assert store.provenance["extraction"]["part_order"] == "piece-hash"

@@ -12,7 +12,7 @@ import pytest
 wds = pytest.importorskip("webdataset")
 
 from conftest import WORDS  # noqa: E402
-from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, hash_unit, load_source, run_extraction  # noqa: E402
+from unipt.extract import BackboneConfig, ExtractConfig, SourceConfig, hash_unit, load_source, plan_source, run_extraction  # noqa: E402
 from unipt.extract._sources import source_format, webdataset_shards  # noqa: E402
 from unipt.store import FeatureStore  # noqa: E402
 
@@ -190,7 +190,9 @@ def test_extraction_from_shards_round_trips(tmp_path, tiny_bert_dir, txt_shards,
     data = load_source(source)
     store = FeatureStore.open(str(tmp_path / "s.zarr"))
     assert sum(summary.examples.values()) == N_SAMPLES
-    assert store.provenance["source"]["fingerprint"] == data.fingerprint
+    # Each tar is a shard, read and planned by itself; the fingerprint is over its rows (streamed planning).
+    assert store.provenance["source"]["fingerprint"] == plan_source(source, part_size=8).fingerprint
+    assert [p[0] for p in store.source_version()["pieces"]] == [f"shard-{i:06d}.tar" for i in range(3)]
     cls = {s["key"]: str(s["cls"]) for s in samples}
     for split, examples in data.splits.items():
         assert store.num_examples(split) == len(examples) == summary.examples[split]

@@ -8,6 +8,7 @@ the test, the way a failed copy, a bit flip or a hand edit would do it.
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def test_a_store_without_chunk_checksums_still_reads_and_says_so(tmp_path, backb
     edit_json(older / "zarr.json", lambda doc: doc["attributes"].pop("unipt_sha256"))
     for part in older.glob("*/part-*"):
         edit_json(part / "zarr.json", lambda doc: doc["attributes"]["unipt_commit"].pop("record_sha256"))
+    shutil.rmtree(older / "_index")  # nor had it a split index
     codecs = json.loads((older / "train" / "part-000000" / "layer_001" / "zarr.json").read_text())["codecs"]
     assert "crc32c" not in json.dumps(codecs[0]["configuration"]["codecs"])  # no checksum inside the shards
 
@@ -158,25 +160,36 @@ def test_an_edited_commit_record_is_refused_and_verify_names_it(store_copy, tmp_
     part = store_copy / "train" / "part-000003"
     edit_json(part / "zarr.json", lambda doc: doc["attributes"]["unipt_commit"].update(n_examples=10))
     store = FeatureStore.open(str(store_copy))
+    # Opening the split trusts its index (no commit record is read); reading the part checks its record.
     with pytest.raises(CorruptChunkError, match=r"train/part-000003: its commit record does not match the checksum"):
-        store.parts("train")
+        store.read_part(("train", "part-000003"))
     with pytest.raises(CorruptChunkError, match="part-000003"):
         train(store_copy, tmp_path)
     report = verify(store)
-    assert {(p.kind, p.where) for p in report.problems} == {("damaged", "train/part-000003"),
-                                                            ("incomplete", "train")}
+    assert {(p.kind, p.where) for p in report.problems} == {("damaged", "train/part-000003"), ("incomplete", "train"),
+                                                            ("index", "train/part-000003")}
+    shutil.rmtree(store_copy / "_index")  # without an index, opening the split reads every commit record
+    with pytest.raises(CorruptChunkError, match=r"train/part-000003: its commit record does not match the checksum"):
+        FeatureStore.open(str(store_copy)).parts("train")
 
 
 def test_verify_reports_a_part_whose_metadata_was_cut_short(store_copy, tmp_path):
     document = store_copy / "train" / "part-000004" / "zarr.json"
     document.write_bytes(document.read_bytes()[:100])  # truncated: the part is invisible to readers
     store = FeatureStore.open(str(store_copy))
-    assert "part-000004" not in store.committed("train")
     report = verify(store)
     kinds = {(p.kind, p.where) for p in report.problems}
-    assert kinds == {("unreadable", "train/part-000004"), ("incomplete", "train")}, report.problems
+    assert kinds == {("unreadable", "train/part-000004"), ("incomplete", "train"), ("index", "train/part-000004")}, \
+        report.problems
     assert not report.ok
-    # Training notices the missing part instead of quietly using 6 of 7.
+    # The index still lists it (damage behind its back): reading the part names it instead of using 6 of 7.
+    with pytest.raises(CorruptChunkError, match=r"train/part-000004: the split's index lists it .* `unipt store index"):
+        train(store_copy, tmp_path)
+    from unipt.pipelines.cli import main
+
+    # Rebuilt from the parts, the index no longer lists it, and training notices the missing part at the start.
+    assert main(["store", "index", str(store_copy)]) == 0
+    assert "part-000004" not in FeatureStore.open(str(store_copy)).committed("train")
     with pytest.raises(IncompleteStoreError, match=r"train: 6 of 7 parts committed \(85 of 101 examples\)"):
         train(store_copy, tmp_path)
 
@@ -186,8 +199,9 @@ def test_verify_counts_a_deleted_part_against_the_plan(store_copy):
 
     shutil.rmtree(store_copy / "test" / "part-000000")
     problems = verify(FeatureStore.open(str(store_copy))).problems
-    assert [(p.kind, p.where, p.detail) for p in problems] == [
+    assert [(p.kind, p.where, p.detail) for p in problems][:1] == [
         ("incomplete", "test", "0 of 1 planned parts committed; not committed: part-000000")]
+    assert [(p.kind, p.where) for p in problems][1:] == [("index", "test/part-000000")]  # the index still lists it
 
 
 # --------------------------------------------------------------------------- incomplete stores
@@ -202,9 +216,9 @@ def dead_owner():
 
 def interrupt(root: Path, owner: Owner, keep: int) -> None:
     """Make ``root`` look like an extraction killed after ``keep`` train parts: later parts and the other splits
-    gone, part ``keep`` half-written and still claimed by ``owner``."""
-    import shutil
-
+    gone, part ``keep`` half-written and still claimed by ``owner``, and no split index (a killed run's journal
+    holds the parts it committed and no more: without the compaction at a run's end there is no base)."""
+    shutil.rmtree(root / "_index")
     for part in sorted((root / "train").glob("part-*"))[keep:]:
         shutil.rmtree(part)
     for split in ("validation", "test"):
