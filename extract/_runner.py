@@ -271,14 +271,13 @@ class InMemoryPlan:
 Plan = Union[InMemoryPlan, SourcePlan]
 
 
-def plan_extraction(source: AnySourceConfig, config: ExtractConfig, store_url: str, *,
-                    storage_options: dict | None = None, data: SourceData | None = None) -> Plan:
+def plan_extraction(source: AnySourceConfig, config: ExtractConfig, existing: FeatureStore | None, *,
+                    data: SourceData | None = None) -> Plan:
     """How this run plans the source: streamed piece by piece (text sources), or whole in memory (image
     sources, ``data`` given, or a store planned that way before: it resumes as it was planned).
 
     A store planned piece by piece hands its latest source version's pieces to the planner: a source that
     has grown since is planned as those pieces (checked unchanged) plus new ones."""
-    existing = _existing_store(store_url, storage_options)
     order = (existing.provenance.get("extraction", {}).get("part_order") if existing is not None else None)
     if isinstance(source, ImageSourceConfig) or data is not None or order == PART_ORDER:
         return InMemoryPlan(data or load_examples(source), config.part_size)
@@ -363,7 +362,8 @@ def run_extraction(
     memory), to reuse across calls. Without ``data`` a text source is streamed (:mod:`._stream`).
     """
     started = time.perf_counter()
-    plan = plan_extraction(source, config, store_url, storage_options=storage_options, data=data)
+    existing = _existing_store(store_url, storage_options)  # the store to resume or grow, if there is one
+    plan = plan_extraction(source, config, existing, data=data)
     read_seconds = time.perf_counter() - started
     unknown = sorted(set(config.splits or ()) - set(plan.split_names))
     if unknown:
@@ -376,7 +376,6 @@ def run_extraction(
             cleanup.callback(encoder.close)  # the image processor's threads
         splits = list(config.splits or plan.split_names)
         layers = resolve_extract_layers(config.layers, encoder.num_hidden_states, encoder.stages)
-        existing = _existing_store(store_url, storage_options)
         first = existing.provenance["source"].get("fingerprint") if existing is not None else None
         # A store with source versions keeps its first version's fingerprint in its provenance.
         versioned = isinstance(plan, SourcePlan) and existing is not None and existing.source_version() is not None
